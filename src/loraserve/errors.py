@@ -1,0 +1,159 @@
+"""The exception tree, and the one place that renders it as OpenAI error JSON.
+
+    LoraserveError                      500 server_error
+    ├── InvalidRequest                  400 invalid_request_error
+    │   ├── ContextLengthExceeded       400 code=context_length_exceeded
+    │   ├── ChatTemplateMissing         400 code=chat_template_missing
+    │   └── UnsupportedParameter        400 code=unsupported_parameter
+    ├── RequestTooLarge                 413 invalid_request_error
+    ├── ModelNotFound                   404 code=model_not_found, param=model
+    ├── EngineUnavailable               503 service_unavailable
+    └── EngineFailure                   500 server_error
+
+Handlers raise these; they never build error responses by hand, and nothing
+matches on message strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class LoraserveError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class InvalidRequest(LoraserveError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ChatTemplateMissing(InvalidRequest):
+    code = "chat_template_missing"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class RequestTooLarge(LoraserveError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ModelNotFound(LoraserveError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class EngineUnavailable(LoraserveError):
+    status = 503
+    type = "service_unavailable"
+    code = "engine_unavailable"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "5"}
+
+
+class EngineFailure(LoraserveError):
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: LoraserveError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers())
+
+
+def sse_error(exc: LoraserveError) -> bytes:
+    """An error after the first byte of a stream goes in-band, as OpenAI does."""
+    return f"data: {json.dumps(exc.to_dict())}\n\n".encode()
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+async def _on_loraserve_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LoraserveError)
+    if exc.status >= 500:
+        logger.warning("%s: %s", type(exc).__name__, exc.message)
+    return error_response(exc)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "parse error"))
+        return error_response(InvalidRequest(message))
+    loc = tuple(first.get("loc", ()))
+    if loc == ("body",):
+        return error_response(
+            InvalidRequest("The request body must be a JSON object (Content-Type: application/json).")
+        )
+    param = _validation_param(loc)
+    detail = first.get("msg", "invalid value")
+    message = f"Invalid value for '{param}': {detail}" if param else f"Invalid request: {detail}"
+    return error_response(InvalidRequest(message, param=param))
+
+
+async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(
+        error_body(str(exc.detail), type_, None, code), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # Never leak internals (paths, tokens) to the client; the log has the trace.
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(LoraserveError("The server had an error while processing your request."))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LoraserveError, _on_loraserve_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,43 @@
+"""GET /health, GET /v1/models, GET /info."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from loraserve import __version__
+from loraserve.engine import EngineDead
+from loraserve.errors import EngineUnavailable
+from loraserve.protocol.responses import ModelList
+from loraserve.services import Services, get_services
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(services: Services = Depends(get_services)) -> dict[str, str]:
+    """200 only when the engine answers a round trip in time; 503 otherwise."""
+    try:
+        await asyncio.wait_for(services.engine.check_health(), services.settings.health_timeout)
+    except (EngineDead, TimeoutError) as exc:
+        raise EngineUnavailable("The inference engine does not answer.") from exc
+    return {"status": "ok"}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(services: Services = Depends(get_services)) -> ModelList:
+    return ModelList(data=services.catalog.cards())
+
+
+@router.get("/info")
+async def info(services: Services = Depends(get_services)) -> dict[str, Any]:
+    base = services.catalog.base
+    return {
+        "version": __version__,
+        "model_id": base.served_name,
+        "model_source": base.source,
+        "max_model_len": services.engine.max_model_len,
+        "running_requests": services.engine.num_running_requests(),
+    }

@@ -1,0 +1,54 @@
+"""A client that goes away must abort its engine request."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from loraserve.base_model import BaseModel
+from loraserve.generation import Generator
+from loraserve.models import ModelCatalog
+from loraserve.protocol.requests import ChatCompletionRequest
+from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
+from loraserve.routes.openai import _chat_events
+from loraserve.templates import load_tokenizer
+from tests.unit.conftest import FakeEngine
+
+
+def _generator(engine: FakeEngine, model_dir: Path) -> Generator:
+    catalog = ModelCatalog(BaseModel(model_dir, "tiny", "tiny"), engine.max_model_len)
+    return Generator(engine, load_tokenizer(model_dir), catalog)
+
+
+async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path) -> None:
+    engine = FakeEngine(delay=0.01)
+    generator = _generator(engine, model_dir)
+    body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
+    prepared = await generator.prepare_chat(body)
+    events = _chat_events(prepared, await generator.open_stream(prepared), 0, "", False)
+    await events.__anext__()
+    await events.__anext__()
+    assert engine.running == {prepared.request_id}
+    await events.aclose()  # what Starlette does when the client disconnects
+    assert engine.aborted == [prepared.request_id]
+    assert engine.running == set()
+
+
+class _GoneRequest:
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+async def test_non_streaming_request_is_aborted_when_the_client_leaves(model_dir: Path) -> None:
+    engine = FakeEngine(delay=0.05)
+    generator = _generator(engine, model_dir)
+    body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50)
+    prepared = await generator.prepare_chat(body)
+    try:
+        await cancel_on_disconnect(_GoneRequest(), generator.complete(prepared))  # type: ignore[arg-type]
+    except ClientDisconnected:
+        pass
+    else:
+        raise AssertionError("expected ClientDisconnected")
+    await asyncio.sleep(0)
+    assert engine.aborted == [prepared.request_id]

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loraserve.app import create_app
+from loraserve.config import Settings
+from loraserve.errors import ChatTemplateMissing, InvalidRequest
+from loraserve.templates import load_tokenizer, render_chat
+from tests.unit.conftest import FakeEngine, make_tokenizer_dir
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def test_model_without_template_answers_chat_with_400_and_completions_work(tmp_path: Path) -> None:
+    model = make_tokenizer_dir(tmp_path / "plain", chat_template=None)
+    engine = FakeEngine()
+    settings = Settings(model=str(model), cache_dir=tmp_path / "cache")
+    with TestClient(create_app(settings, engine=engine)) as client:
+        chat = client.post("/v1/chat/completions", json={"model": "", "messages": USER})
+        assert chat.status_code == 400
+        error = chat.json()["error"]
+        assert error["code"] == "chat_template_missing"
+        assert "/v1/completions" in error["message"]
+        assert client.post("/v1/completions", json={"model": "", "prompt": "hello", "max_tokens": 1}).status_code == 200
+    assert len(engine.calls) == 1
+
+
+def test_render_raises_template_missing(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "plain", chat_template=None))
+    with pytest.raises(ChatTemplateMissing):
+        render_chat(tokenizer, USER)
+
+
+def test_template_cannot_escape_the_sandbox(tmp_path: Path) -> None:
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "evil", chat_template=evil))
+    with pytest.raises(InvalidRequest):
+        render_chat(tokenizer, USER)
+
+
+def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> None:
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
+    tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "strict", chat_template=strict))
+    with pytest.raises(InvalidRequest, match="first message must be system"):
+        render_chat(tokenizer, USER)
