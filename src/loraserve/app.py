@@ -9,7 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraserve import __version__
-from loraserve.base_model import resolve_base_model
+from loraserve.adapters.ref import SourceKind
+from loraserve.adapters.registry import AdapterRegistry
+from loraserve.adapters.sources import HubSource, LocalSource, S3Source, Source
+from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.validate import BaseShapes
+from loraserve.base_model import BaseModel, resolve_base_model
 from loraserve.body_limit import BodyLimitMiddleware
 from loraserve.config import Settings
 from loraserve.engine import Engine
@@ -18,7 +23,7 @@ from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
 from loraserve.routes import openai, system
 from loraserve.services import Services
-from loraserve.templates import has_chat_template, load_tokenizer
+from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,31 @@ def _start_vllm(model_path: str, served_name: str, settings: Settings) -> Engine
     return VllmEngine.start(model_path, served_name, settings.engine_args)
 
 
+def _adapter_registry(settings: Settings, engine: Engine, base: BaseModel, base_chat: ChatFormat) -> AdapterRegistry:
+    from huggingface_hub import get_token
+
+    store = AdapterStore(settings.adapter_cache_path(), int(settings.adapter_cache_size))
+    store.open()
+    sources: dict[SourceKind, Source] = {
+        "hub": HubSource(),
+        "local": LocalSource(settings.adapter_dir),
+        "s3": S3Source(),
+    }
+    registry = AdapterRegistry(
+        engine=engine,
+        store=store,
+        sources=sources,
+        base_shapes=BaseShapes.from_folder(base.path),
+        base_names=base.names(),
+        base_tokenizer=base_chat.tokenizer,
+        max_lora_rank=engine.max_lora_rank,
+        resolve_ttl=settings.adapter_resolve_ttl,
+        server_token=get_token(),
+    )
+    store.set_evict_hook(registry.forget)
+    return registry
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,8 +68,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if not has_chat_template(tokenizer):
             logger.warning("%s has no chat template: /v1/chat/completions will answer 400.", base.served_name)
         running = engine if engine is not None else _start_vllm(str(base.path), base.served_name, settings)
-        catalog = ModelCatalog(base, running.max_model_len)
-        app.state.services = Services(settings, running, catalog, Generator(running, tokenizer, catalog))
+        base_chat = ChatFormat(tokenizer)
+        adapters = _adapter_registry(settings, running, base, base_chat)
+        catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
+        app.state.services = Services(settings, running, catalog, Generator(running, catalog))
         logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
         try:
             yield

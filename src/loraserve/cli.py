@@ -24,6 +24,8 @@ def _flag(name: str) -> str:
 
 def _argparse_type(annotation: Any) -> dict[str, Any]:
     """argparse kwargs for a Settings field's annotation."""
+    if typing.get_origin(annotation) is list:
+        return {"action": "append", "type": typing.get_args(annotation)[0]}
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         annotation = args[0]

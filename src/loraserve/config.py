@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -39,6 +39,25 @@ class Settings(BaseSettings):
         default_factory=_default_cache_dir,
         description="Folder for loraserve's caches (the converted embedded model).",
     )
+    adapter_dir: list[Path] = Field(
+        default_factory=list,
+        description="A folder whose subfolders are adapters for adapter_source=local (repeatable). "
+        "Nothing outside these folders is ever read.",
+    )
+    adapter_cache_dir: Path | None = Field(
+        None, description="Folder of the adapter disk cache (default: <cache-dir>/adapters)."
+    )
+    adapter_cache_size: ByteSize = Field(
+        ByteSize(10 * 1024**3),
+        description="Byte budget of the adapter disk cache, e.g. 500MB or 20GiB; least recently used "
+        "adapters not in use are evicted to stay within it.",
+    )
+    adapter_resolve_ttl: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a resolved adapter version and a requester's access to it are trusted before "
+        "the source is asked again (a moved branch is seen after at most this long).",
+    )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (larger is 413)."
     )
@@ -51,6 +70,9 @@ class Settings(BaseSettings):
         description="vLLM engine arguments (AsyncEngineArgs field names); the CLI fills this from vLLM's own flags.",
         exclude=True,
     )
+
+    def adapter_cache_path(self) -> Path:
+        return self.adapter_cache_dir or self.cache_dir / "adapters"
 
     @classmethod
     def cli_fields(cls) -> dict[str, Any]:

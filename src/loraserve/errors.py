@@ -4,10 +4,14 @@
     ├── InvalidRequest                  400 invalid_request_error
     │   ├── ContextLengthExceeded       400 code=context_length_exceeded
     │   ├── ChatTemplateMissing         400 code=chat_template_missing
-    │   └── UnsupportedParameter        400 code=unsupported_parameter
+    │   ├── UnsupportedParameter        400 code=unsupported_parameter
+    │   ├── InvalidAdapter              400 code=invalid_adapter
+    │   └── AdapterTooLarge             400 code=adapter_too_large
     ├── RequestTooLarge                 413 invalid_request_error
     ├── ModelNotFound                   404 code=model_not_found, param=model
+    ├── CacheFull                       507 code=adapter_cache_full
     ├── EngineUnavailable               503 service_unavailable
+    ├── SourceUnavailable               503 code=adapter_source_unavailable
     └── EngineFailure                   500 server_error
 
 Handlers raise these; they never build error responses by hand, and nothing
@@ -64,6 +68,26 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class InvalidAdapter(InvalidRequest):
+    code = "invalid_adapter"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, param="model")
+
+
+class AdapterTooLarge(InvalidRequest):
+    code = "adapter_too_large"
+
+
+class CacheFull(LoraserveError):
+    status = 507
+    type = "server_error"
+    code = "adapter_cache_full"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "10"}
+
+
 class RequestTooLarge(LoraserveError):
     status = 413
     type = "invalid_request_error"
@@ -86,6 +110,10 @@ class EngineUnavailable(LoraserveError):
 
     def headers(self) -> dict[str, str] | None:
         return {"Retry-After": "5"}
+
+
+class SourceUnavailable(EngineUnavailable):
+    code = "adapter_source_unavailable"
 
 
 class EngineFailure(LoraserveError):

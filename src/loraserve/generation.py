@@ -32,6 +32,7 @@ from loraserve.errors import (
 )
 from loraserve.models import ModelCatalog, ModelTarget
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from loraserve.templates import ChatFormat
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class PreparedRequest:
     target: ModelTarget
     prompt_token_ids: list[int]
     options: SamplingOptions
+
+    def release(self) -> None:
+        self.target.release()
 
 
 @dataclass
@@ -61,40 +65,42 @@ class StreamCounter:
 
 
 class Generator:
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, catalog: ModelCatalog) -> None:
+    def __init__(self, engine: Engine, catalog: ModelCatalog) -> None:
         self._engine = engine
-        self._tokenizer = tokenizer
         self._catalog = catalog
 
     # -- preparing --------------------------------------------------------
 
-    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
-        target = self._catalog.resolve(body.model)
+    async def prepare_chat(self, body: ChatCompletionRequest, hub_token: str | None = None) -> PreparedRequest:
         _reject_unsupported(body)
-        messages = [_message_dict(m) for m in body.messages]
-        prompt_ids = await anyio.to_thread.run_sync(self._render_and_encode, messages)
-        return self._prepared("chatcmpl", target, prompt_ids, body, body.token_limit(), "messages")
+        target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
+        try:
+            messages = [_message_dict(m) for m in body.messages]
+            prompt_ids = await anyio.to_thread.run_sync(self._render_and_encode, target.chat, messages)
+            return self._prepared("chatcmpl", target, prompt_ids, body, body.token_limit(), "messages")
+        except BaseException:
+            target.release()
+            raise
 
-    async def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
-        target = self._catalog.resolve(body.model)
+    async def prepare_completion(self, body: CompletionRequest, hub_token: str | None = None) -> PreparedRequest:
         _reject_unsupported(body)
-        if body.echo:
-            raise UnsupportedParameter("`echo` is not supported yet.", param="echo")
-        if body.logprobs is not None:
-            raise UnsupportedParameter("`logprobs` is not supported yet.", param="logprobs")
-        if body.best_of not in (None, 1):
-            raise UnsupportedParameter("`best_of` other than 1 is not supported yet.", param="best_of")
-        if body.suffix:
-            raise UnsupportedParameter("`suffix` (insertion) is not supported by this model.", param="suffix")
-        prompt_ids = await self._completion_prompt_ids(body.prompt)
-        return self._prepared("cmpl", target, prompt_ids, body, body.max_tokens, "prompt")
+        _reject_unsupported_completion(body)
+        target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
+        try:
+            prompt_ids = await self._completion_prompt_ids(target.chat.tokenizer, body.prompt)
+            return self._prepared("cmpl", target, prompt_ids, body, body.max_tokens, "prompt")
+        except BaseException:
+            target.release()
+            raise
 
-    def _render_and_encode(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = templates.render_chat(self._tokenizer, messages)
+    def _render_and_encode(self, chat: ChatFormat, messages: list[dict[str, Any]]) -> list[int]:
+        text = templates.render_chat(chat, messages)
         # The template already wrote any BOS/special tokens it wants.
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def _completion_prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+    async def _completion_prompt_ids(
+        self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> list[int]:
         prompts: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
@@ -102,11 +108,11 @@ class Generator:
             raise UnsupportedParameter("Only one prompt per request is supported yet.", param="prompt")
         only = prompts[0]
         if isinstance(only, str):
-            encoded = await anyio.to_thread.run_sync(lambda: self._tokenizer(only)["input_ids"])
+            encoded = await anyio.to_thread.run_sync(lambda: tokenizer(only)["input_ids"])
             ids = list(encoded)
         else:
             ids = list(only)
-            vocab = len(self._tokenizer)
+            vocab = len(tokenizer)
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise InvalidRequest(f"Token id {bad[0]} is outside the vocabulary (size {vocab}).", param="prompt")
@@ -185,6 +191,7 @@ class Generator:
             raise EngineFailure("The engine failed while generating; the request was not completed.") from exc
         finally:
             await stream.aclose()
+            prepared.release()
 
 
 async def _prepend(
@@ -196,6 +203,17 @@ async def _prepend(
             yield delta
     finally:
         await rest.aclose()
+
+
+def _reject_unsupported_completion(body: CompletionRequest) -> None:
+    if body.echo:
+        raise UnsupportedParameter("`echo` is not supported yet.", param="echo")
+    if body.logprobs is not None:
+        raise UnsupportedParameter("`logprobs` is not supported yet.", param="logprobs")
+    if body.best_of not in (None, 1):
+        raise UnsupportedParameter("`best_of` other than 1 is not supported yet.", param="best_of")
+    if body.suffix:
+        raise UnsupportedParameter("`suffix` (insertion) is not supported by this model.", param="suffix")
 
 
 def _reject_unsupported(body: _SamplingFields) -> None:

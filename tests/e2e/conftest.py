@@ -16,7 +16,16 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from loraserve.demo import embedded_model_dir
+from tests.support.adapters import make_lora_adapter
+from tests.support.fake_hub import FakeHub
+
 STARTUP_TIMEOUT_S = 420
+PRIVATE_TOKEN = "hf_private_e2e_token"
+OWN_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### ASSISTANT:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,8 @@ class RunningServer:
     url: str
     log: Path
     model_dir: Path
+    hub: FakeHub
+    adapters: dict[str, Path]  # hub repo id or local name -> the folder it was made from
 
     @property
     def v1(self) -> str:
@@ -53,24 +64,50 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
 
 
+def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
+    made: dict[str, Path] = {}
+
+    def publish(repo: str, seed: int, **kwargs: object) -> None:
+        folder = make_lora_adapter(base, work / repo.replace("/", "__"), seed=seed, **kwargs)  # type: ignore[arg-type]
+        private = repo.endswith("private")
+        hub.add_repo(repo, folder, private=private, token=PRIVATE_TOKEN if private else None)
+        made[repo] = folder
+
+    publish("acme/voice", 1, base_name="HuggingFaceTB/SmolLM2-135M-Instruct")
+    publish("acme/own-template", 2, chat_template=OWN_TEMPLATE)
+    publish("acme/private", 3)
+    publish("acme/concurrent", 4)
+    publish("acme/pickled", 5, pickle_only=True)
+    publish("acme/rank-32", 6, r=32)
+    local = make_lora_adapter(base, work / "local" / "team" / "local-a", seed=7)
+    made["team/local-a"] = local
+    return made
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    cache = Path(os.environ.get("LORASERVE_CACHE_DIR", Path.home() / ".cache" / "loraserve"))
+    model_dir = embedded_model_dir(cache)
+    work = tmp_path_factory.mktemp("e2e")
+    hub = FakeHub()
+    hub.start()
+    adapters = _make_adapters(model_dir, work / "adapters", hub)
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = work / "server.log"
     # fp32 keeps greedy decoding deterministic; small sizes keep the test machine free.
     command = [
-        sys.executable, "-m", "loraserve", "serve", "--port", str(port),
+        sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--cache-dir", str(cache),
+        "--adapter-cache-dir", str(work / "adapter-cache"), "--adapter-dir", str(work / "adapters" / "local"),
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32",
     ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log)
-        info = httpx.get(f"{url}/info").json()
-        cache = Path(os.environ.get("LORASERVE_CACHE_DIR", Path.home() / ".cache" / "loraserve"))
-        yield RunningServer(url, log, cache / "models" / "SmolLM2-135M-Instruct")
-        assert info["model_id"]
+        yield RunningServer(url, log, model_dir, hub, adapters)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -78,6 +115,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        hub.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -41,6 +41,9 @@ class FakeEngine:
     """Honours the Engine protocol; answers "hello world hello world …"."""
 
     max_model_len: int = 64
+    max_lora_rank: int = 16
+    loras: dict[int, LoraTarget] = field(default_factory=dict)
+    reject_loras: bool = False
     words: list[str] = field(default_factory=lambda: ["hello", " world"])
     fail_with: Exception | None = None
     fail_after: int | None = None
@@ -78,6 +81,14 @@ class FakeEngine:
         finally:
             self.running.discard(request_id)
             (self.finished if completed else self.aborted).append(request_id)
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        if self.reject_loras:
+            raise EngineRejected("unsupported adapter")
+        self.loras[lora.int_id] = lora
+
+    async def remove_lora(self, int_id: int) -> None:
+        self.loras.pop(int_id, None)
 
     async def check_health(self) -> None:
         if not self.healthy:

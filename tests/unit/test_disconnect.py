@@ -11,13 +11,15 @@ from loraserve.models import ModelCatalog
 from loraserve.protocol.requests import ChatCompletionRequest
 from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
 from loraserve.routes.openai import _chat_events
-from loraserve.templates import load_tokenizer
+from loraserve.templates import ChatFormat, load_tokenizer
 from tests.unit.conftest import FakeEngine
 
 
 def _generator(engine: FakeEngine, model_dir: Path) -> Generator:
-    catalog = ModelCatalog(BaseModel(model_dir, "tiny", "tiny"), engine.max_model_len)
-    return Generator(engine, load_tokenizer(model_dir), catalog)
+    catalog = ModelCatalog(
+        BaseModel(model_dir, "tiny", "tiny"), engine.max_model_len, ChatFormat(load_tokenizer(model_dir)), None
+    )
+    return Generator(engine, catalog)
 
 
 async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path) -> None:

@@ -59,11 +59,11 @@ def test_empty_model_and_model_path_mean_the_base(client: TestClient, model_dir)
 
 
 def test_unknown_model_is_404_and_never_reaches_the_engine(client: TestClient, engine: FakeEngine) -> None:
-    response = client.post(CHAT, json={"model": "org/adapter", "messages": USER})
+    response = client.post(CHAT, json={"model": "not-an-adapter-name", "messages": USER})
     assert response.status_code == 404
     assert response.json() == {
         "error": {
-            "message": "The model `org/adapter` does not exist or you do not have access to it.",
+            "message": "The model `not-an-adapter-name` does not exist or you do not have access to it.",
             "type": "invalid_request_error",
             "param": "model",
             "code": "model_not_found",

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from loraserve.app import create_app
 from loraserve.config import Settings
 from loraserve.errors import ChatTemplateMissing, InvalidRequest
-from loraserve.templates import load_tokenizer, render_chat
+from loraserve.templates import ChatFormat, load_tokenizer, render_chat
 from tests.unit.conftest import FakeEngine, make_tokenizer_dir
 
 USER = [{"role": "user", "content": "hello"}]
@@ -31,18 +31,18 @@ def test_model_without_template_answers_chat_with_400_and_completions_work(tmp_p
 def test_render_raises_template_missing(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "plain", chat_template=None))
     with pytest.raises(ChatTemplateMissing):
-        render_chat(tokenizer, USER)
+        render_chat(ChatFormat(tokenizer), USER)
 
 
 def test_template_cannot_escape_the_sandbox(tmp_path: Path) -> None:
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "evil", chat_template=evil))
     with pytest.raises(InvalidRequest):
-        render_chat(tokenizer, USER)
+        render_chat(ChatFormat(tokenizer), USER)
 
 
 def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> None:
     strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "strict", chat_template=strict))
     with pytest.raises(InvalidRequest, match="first message must be system"):
-        render_chat(tokenizer, USER)
+        render_chat(ChatFormat(tokenizer), USER)

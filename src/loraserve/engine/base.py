@@ -58,6 +58,15 @@ class Engine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def max_lora_rank(self) -> int: ...
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        """Load an adapter before its first request; raise ``EngineRejected`` with the reason if it can't."""
+        ...
+
+    async def remove_lora(self, int_id: int) -> None: ...
+
     def generate(
         self,
         request_id: str,

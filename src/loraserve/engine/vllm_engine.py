@@ -61,6 +61,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> set[str]:
     return added
 
 
+def _lora_request(lora: LoraTarget) -> LoRARequest:
+    return LoRARequest(lora_name=lora.name, lora_int_id=lora.int_id, lora_path=lora.path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:500] if text else type(exc).__name__
+
+
 def _finish_reason(raw: str | None) -> FinishReason | None:
     if raw is None:
         return None
@@ -91,6 +100,24 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self._llm.model_config.max_model_len)
 
+    @property
+    def max_lora_rank(self) -> int:
+        lora_config = self._llm.vllm_config.lora_config
+        return int(lora_config.max_lora_rank) if lora_config is not None else 0
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        try:
+            ok = await self._llm.add_lora(_lora_request(lora))
+        except EngineDeadError as exc:
+            raise EngineDead("the inference engine has stopped") from exc
+        except Exception as exc:  # vLLM reports load failures as assorted exceptions
+            raise EngineRejected(_first_line(exc)) from exc
+        if ok is False:
+            raise EngineRejected("the engine refused the adapter")
+
+    async def remove_lora(self, int_id: int) -> None:
+        await self._llm.remove_lora(int_id)
+
     async def generate(
         self,
         request_id: str,
@@ -106,7 +133,7 @@ class VllmEngine:
             seed=options.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        lora_request = LoRARequest(lora.name, lora.int_id, lora.path) if lora else None
+        lora_request = _lora_request(lora) if lora else None
         stream = self._llm.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora_request)
         finished = False
         try:

@@ -47,6 +47,9 @@ class _SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # LoRAX's fields: where the adapter named in `model` comes from, and a Hub token for private ones.
+    adapter_source: Literal["hub", "local", "s3"] = "hub"
+    api_token: str | None = Field(None, repr=False)
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

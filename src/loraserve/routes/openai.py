@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from loraserve.engine import CompletionDelta
 from loraserve.errors import LoraserveError, sse_error
-from loraserve.generation import PreparedRequest
+from loraserve.generation import FinishedCompletion, PreparedRequest
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
 from loraserve.protocol.responses import (
     AssistantMessage,
@@ -52,19 +52,37 @@ def _event_stream(body: AsyncGenerator[bytes, None]) -> StreamingResponse:
     )
 
 
+def hub_token(api_token: str | None, request: Request) -> str | None:
+    """The requester's Hub token: LoRAX's `api_token` field, or a Bearer key that is an HF token."""
+    if api_token:
+        return api_token
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip().startswith("hf_") else None
+
+
+async def _finish_plain(
+    request: Request, services: Services, prepared: PreparedRequest
+) -> FinishedCompletion | Response:
+    try:
+        return await cancel_on_disconnect(request, services.generator.complete(prepared))
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_GONE)
+    finally:
+        prepared.release()
+
+
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | ChatCompletion:
-    prepared = await services.generator.prepare_chat(body)
+    prepared = await services.generator.prepare_chat(body, hub_token(body.api_token, request))
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
         return _event_stream(_chat_events(prepared, deltas, created, body.model, body.include_usage()))
-    try:
-        done = await cancel_on_disconnect(request, services.generator.complete(prepared))
-    except ClientDisconnected:
-        return Response(status_code=_CLIENT_GONE)
+    done = await _finish_plain(request, services, prepared)
+    if isinstance(done, Response):
+        return done
     return ChatCompletion(
         id=prepared.request_id,
         created=created,
@@ -100,6 +118,7 @@ async def _chat_events(
         yield sse_error(exc)
     finally:
         await deltas.aclose()
+        prepared.release()
     yield _DONE
 
 
@@ -107,15 +126,14 @@ async def _chat_events(
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | Completion:
-    prepared = await services.generator.prepare_completion(body)
+    prepared = await services.generator.prepare_completion(body, hub_token(body.api_token, request))
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
         return _event_stream(_completion_events(prepared, deltas, created, body.model, body.include_usage()))
-    try:
-        done = await cancel_on_disconnect(request, services.generator.complete(prepared))
-    except ClientDisconnected:
-        return Response(status_code=_CLIENT_GONE)
+    done = await _finish_plain(request, services, prepared)
+    if isinstance(done, Response):
+        return done
     return Completion(
         id=prepared.request_id,
         created=created,
@@ -142,4 +160,5 @@ async def _completion_events(
         yield sse_error(exc)
     finally:
         await deltas.aclose()
+        prepared.release()
     yield _DONE

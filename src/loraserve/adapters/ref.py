@@ -1,0 +1,50 @@
+"""Parse and validate what a request names in `model`, before anything touches disk or network."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from loraserve.errors import ModelNotFound
+
+SourceKind = Literal["hub", "local", "s3"]
+
+# Hub repo ids: "org/name", each part a conservative subset of what the Hub allows.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+# Branch, tag or commit: no "..", no leading "/" or "-", no control characters.
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}$")
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_S3 = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([A-Za-z0-9!_.*'()/-]{1,900})$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    source: SourceKind
+    name: str  # hub: org/name; local: relative path under an adapter root; s3: s3://bucket/prefix
+    revision: str | None = None  # hub only
+
+    def display(self) -> str:
+        return f"{self.name}@{self.revision}" if self.revision else self.name
+
+
+def parse_ref(model: str, source: SourceKind) -> AdapterRef:
+    """Turn a request's `model` into a reference, or 404 without any I/O."""
+    if source == "hub":
+        name, _, revision = model.partition("@")
+        if not _HUB_ID.match(name) or ".." in name:
+            raise ModelNotFound(model)
+        if revision and (not _REVISION.match(revision) or ".." in revision or "//" in revision):
+            raise ModelNotFound(model)
+        return AdapterRef("hub", name, revision or None)
+    if source == "local":
+        parts = model.split("/")
+        if not model or any(not _LOCAL_PART.match(p) or p in (".", "..") for p in parts):
+            raise ModelNotFound(model)
+        return AdapterRef("local", model)
+    match = _S3.match(model)
+    if match is None or ".." in match.group(2).split("/") or "//" in match.group(2):
+        raise ModelNotFound(model)
+    return AdapterRef("s3", model.rstrip("/"))

@@ -1,0 +1,196 @@
+"""From a request's `model` to an adapter the engine can run, for one requester.
+
+Per request: parse the name (no I/O for bad names), resolve it at its source
+with the requester's token (cached briefly per token, so access is checked
+for every requester and one caller's token never opens a private adapter to
+another), make sure the pinned snapshot is in the disk cache, load it into the
+engine once (its errors become a 400 here, not an engine crash), and hand out
+a lease that keeps it from eviction until the request ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from cachetools import TTLCache
+from transformers import PreTrainedTokenizerBase
+
+from loraserve.adapters.ref import AdapterRef, SourceKind, parse_ref
+from loraserve.adapters.single_flight import SingleFlight
+from loraserve.adapters.sources import Snapshot, Source
+from loraserve.adapters.store import AdapterStore, CacheEntry
+from loraserve.adapters.validate import BaseShapes, check_adapter
+from loraserve.engine import Engine, EngineRejected, LoraTarget
+from loraserve.errors import InvalidAdapter, SourceUnavailable
+from loraserve.templates import ChatFormat, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_RESOLVE_CACHE_SIZE = 4096
+
+
+@dataclass
+class LoadedAdapter:
+    entry: CacheEntry
+    target: LoraTarget
+    chat: ChatFormat | None  # None: the adapter ships no template, use the base's
+
+
+class AdapterLease:
+    """An adapter held for one request; ``release()`` exactly once when the request ends."""
+
+    def __init__(self, store: AdapterStore, loaded: LoadedAdapter) -> None:
+        self.loaded = loaded
+        self._hold = store.lease(loaded.entry)
+        self._hold.__enter__()
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._hold.__exit__(None, None, None)
+
+
+def token_fingerprint(token: str | None) -> str:
+    return hashlib.sha256((token or "").encode()).hexdigest()
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        engine: Engine,
+        store: AdapterStore,
+        sources: dict[SourceKind, Source],
+        base_shapes: BaseShapes,
+        base_names: frozenset[str],
+        base_tokenizer: PreTrainedTokenizerBase,
+        max_lora_rank: int,
+        resolve_ttl: float,
+        server_token: str | None,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._sources = sources
+        self._base_shapes = base_shapes
+        self._base_names = base_names
+        self._base_tokenizer = base_tokenizer
+        self._max_rank = max_lora_rank
+        self._server_token = server_token
+        self._snapshots: TTLCache[tuple[str, str, str | None, str], Snapshot] = TTLCache(
+            _RESOLVE_CACHE_SIZE, resolve_ttl
+        )
+        self._verified: dict[str, set[str]] = {}  # entry key -> token fingerprints that resolved it
+        self._loaded: dict[str, LoadedAdapter] = {}
+        self._resolves: SingleFlight[Snapshot] = SingleFlight()
+        self._loads: SingleFlight[LoadedAdapter] = SingleFlight()
+        self._ids = itertools.count(1)  # never reused, so an id always means the same weights
+
+    async def acquire(self, model: str, source: SourceKind, request_token: str | None) -> AdapterLease:
+        ref = parse_ref(model, source)
+        token = request_token or self._server_token if source == "hub" else None
+        fingerprint = token_fingerprint(token)
+        try:
+            snapshot = await self._resolve(ref, token, fingerprint)
+        except SourceUnavailable:
+            fallback = self._cached_fallback(ref, fingerprint)
+            if fallback is None:
+                raise
+            logger.warning("source down: serving %s from the cache", fallback.root)
+            return AdapterLease(self._store, await self._load(fallback))
+        source_impl = self._sources[ref.source]
+        for _ in range(3):
+            entry = await self._store.ensure(
+                snapshot,
+                fetch=lambda dest: source_impl.fetch(snapshot, dest, token),
+                check=self._check,
+            )
+            self._verified.setdefault(entry.key, set()).add(fingerprint)
+            loaded = await self._load(entry)
+            # Between the download and now another request may have evicted it; lease only what is there.
+            if self._store.get(entry.key) is entry:
+                return AdapterLease(self._store, loaded)
+        raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
+
+    async def _resolve(self, ref: AdapterRef, token: str | None, fingerprint: str) -> Snapshot:
+        key = (ref.source, ref.name, ref.revision, fingerprint)
+        cached = self._snapshots.get(key)
+        if cached is not None:
+            return cached
+
+        async def work() -> Snapshot:
+            snapshot = await anyio.to_thread.run_sync(self._sources[ref.source].resolve, ref, token)
+            self._snapshots[key] = snapshot
+            return snapshot
+
+        return await self._resolves.run(key, work)
+
+    def _cached_fallback(self, ref: AdapterRef, fingerprint: str) -> CacheEntry | None:
+        for entry in self._store.cached_versions(ref):
+            if entry.public or fingerprint in self._verified.get(entry.key, set()):
+                return entry
+        return None
+
+    def _check(self, folder: Path) -> None:
+        check_adapter(folder, self._base_shapes, self._base_names, self._max_rank)
+
+    async def _load(self, entry: CacheEntry) -> LoadedAdapter:
+        loaded = self._loaded.get(entry.key)
+        if loaded is not None and loaded.entry is entry:
+            return loaded
+        return await self._loads.run(entry.key, lambda: self._load_once(entry))
+
+    async def _load_once(self, entry: CacheEntry) -> LoadedAdapter:
+        target = LoraTarget(name=f"{entry.ref.name}@{entry.version}", int_id=next(self._ids), path=str(entry.path))
+        chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
+        try:
+            await self._engine.add_lora(target)
+        except EngineRejected as exc:
+            # A snapshot the engine refuses would fail every time: drop it from the cache.
+            await self._store.evict(entry)
+            raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {exc}") from exc
+        loaded = LoadedAdapter(entry, target, chat)
+        self._loaded[entry.key] = loaded
+        logger.info("loaded adapter %s as LoRA id %d", target.name, target.int_id)
+        return loaded
+
+    def _chat_format(self, folder: Path) -> ChatFormat | None:
+        """The adapter's own template if it ships one; None means "use the base's"."""
+        template_file = folder / "chat_template.jinja"
+        config_file = folder / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InvalidAdapter("the adapter's tokenizer_config.json is not valid JSON") from exc
+        has_template = template_file.is_file() or bool(config.get("chat_template"))
+        if not has_template:
+            return None
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+            try:
+                return ChatFormat(load_tokenizer(folder))
+            except Exception as exc:  # tokenizer loading raises many types
+                raise InvalidAdapter("the adapter's tokenizer files cannot be loaded") from exc
+        # A template without tokenizer files: the base tokenizer with the adapter's template.
+        template = template_file.read_text() if template_file.is_file() else str(config["chat_template"])
+        return ChatFormat(self._base_tokenizer, template)
+
+    async def forget(self, entry: CacheEntry) -> None:
+        """Called by the store before it deletes an entry: drop it from the engine too."""
+        loaded = self._loaded.pop(entry.key, None)
+        self._verified.pop(entry.key, None)
+        if loaded is not None:
+            try:
+                await self._engine.remove_lora(loaded.target.int_id)
+            except Exception:  # the engine may already have dropped it from its own LRU
+                logger.debug("engine did not remove LoRA %d", loaded.target.int_id, exc_info=True)
+
+    def entries(self) -> list[CacheEntry]:
+        return self._store.entries()

@@ -1,0 +1,232 @@
+"""Where adapters come from: the Hugging Face Hub, local folders, S3.
+
+Each source resolves a reference to a pinned ``Snapshot`` (a commit, or a
+content hash) listing the files to fetch, then fetches them into a folder.
+Both calls block; the store runs them in threads. Only the files an adapter
+needs are fetched: its config, its safetensors weights, and tokenizer files
+that may carry its own chat template. Pickles are never fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from loraserve.adapters.ref import AdapterRef
+from loraserve.adapters.validate import CONFIG, PICKLED_WEIGHTS, WEIGHTS
+from loraserve.errors import InvalidAdapter, ModelNotFound, SourceUnavailable
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+WANTED = frozenset({CONFIG, WEIGHTS, *TOKENIZER_FILES})
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable version of an adapter: what the cache stores under one key."""
+
+    ref: AdapterRef
+    version: str  # hub: the commit sha; local and s3: a hash of names, sizes and stamps
+    files: tuple[RemoteFile, ...]
+    public: bool  # readable without a per-request token
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.ref.source}:{self.ref.name}@{self.version}".encode()).hexdigest()[:32]
+
+    @property
+    def root(self) -> str:
+        """The source reference with the pinned version, as /v1/models shows it."""
+        return f"{self.ref.name}@{self.version}"
+
+
+class Source(Protocol):
+    def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot: ...
+
+    def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None: ...
+
+
+def _select(ref: AdapterRef, names_and_sizes: Iterable[tuple[str, int]]) -> tuple[RemoteFile, ...]:
+    available = dict(names_and_sizes)
+    if CONFIG not in available:
+        raise InvalidAdapter(f"{ref.display()} is not a PEFT adapter: it has no {CONFIG}")
+    if WEIGHTS not in available:
+        if any(name in available for name in PICKLED_WEIGHTS):
+            raise InvalidAdapter(
+                f"{ref.display()} ships only pickled weights (adapter_model.bin), which are never loaded because "
+                "unpickling runs code; publish adapter_model.safetensors"
+            )
+        raise InvalidAdapter(f"{ref.display()} has no {WEIGHTS}")
+    return tuple(RemoteFile(name, size) for name, size in sorted(available.items()) if name in WANTED)
+
+
+class HubSource:
+    """The Hugging Face Hub through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply)."""
+
+    def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
+        from huggingface_hub import HfApi
+
+        with _hub_errors(ref):
+            info = HfApi().model_info(ref.name, revision=ref.revision, files_metadata=True, token=token)
+        if not info.sha:
+            raise SourceUnavailable(f"The Hub did not say which commit {ref.display()} is at; try again later.")
+        siblings = [(s.rfilename, int(s.size or 0)) for s in info.siblings or ()]
+        return Snapshot(ref, info.sha, _select(ref, siblings), public=not info.private)
+
+    def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
+        from huggingface_hub import hf_hub_download
+
+        for file in snapshot.files:
+            with _hub_errors(snapshot.ref):
+                hf_hub_download(
+                    snapshot.ref.name, file.name, revision=snapshot.version, token=token, local_dir=str(dest)
+                )
+        # huggingface_hub keeps bookkeeping beside local_dir downloads; the entry needs none of it.
+        shutil.rmtree(dest / ".cache", ignore_errors=True)
+
+
+class _hub_errors:
+    """Map huggingface_hub's failures to ours, without leaking whether a private repo exists."""
+
+    def __init__(self, ref: AdapterRef) -> None:
+        self.ref = ref
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        if isinstance(exc, RepositoryNotFoundError | GatedRepoError | RevisionNotFoundError | EntryNotFoundError):
+            raise ModelNotFound(self.ref.display()) from exc
+        if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
+            raise ModelNotFound(self.ref.display()) from exc
+        if isinstance(exc, Exception):
+            # Offline mode, 5xx, timeouts, refused connections (huggingface_hub's HTTP client varies by version).
+            logger.warning("Hub unreachable for %s: %s: %s", self.ref.display(), type(exc).__name__, exc)
+            raise SourceUnavailable(f"The Hub is unreachable for {self.ref.display()}; try again later.") from exc
+
+
+class LocalSource:
+    """Folders under the --adapter-dir roots; nothing outside them is ever read."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        self._roots = [root.resolve() for root in roots]
+
+    def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
+        folder = self._find(ref)
+        stamps: list[tuple[str, int, int]] = []
+        for path in sorted(folder.iterdir()):
+            if path.name in WANTED or path.name in PICKLED_WEIGHTS:
+                stat = path.stat()
+                stamps.append((path.name, stat.st_size, stat.st_mtime_ns))
+        digest = hashlib.sha256(repr(stamps).encode()).hexdigest()[:40]
+        return Snapshot(ref, digest, _select(ref, ((n, s) for n, s, _ in stamps)), public=True)
+
+    def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
+        folder = self._find(snapshot.ref)
+        for file in snapshot.files:
+            shutil.copyfile(folder / file.name, dest / file.name)
+
+    def _find(self, ref: AdapterRef) -> Path:
+        for root in self._roots:
+            candidate = (root / ref.name).resolve()
+            # resolve() follows symlinks: a link that leads out of the root is refused.
+            if candidate.is_relative_to(root) and candidate.is_dir():
+                for path in candidate.iterdir():
+                    if path.name in WANTED and not path.resolve().is_relative_to(root):
+                        raise ModelNotFound(ref.name)
+                return candidate
+        raise ModelNotFound(ref.name)
+
+
+class S3Source:
+    """``s3://bucket/prefix`` through boto3 (AWS_* variables, AWS_ENDPOINT_URL included)."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3")
+        return self._client
+
+    @staticmethod
+    def _split(ref: AdapterRef) -> tuple[str, str]:
+        bucket, _, prefix = ref.name.removeprefix("s3://").partition("/")
+        return bucket, prefix.rstrip("/") + "/"
+
+    def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
+        bucket, prefix = self._split(ref)
+        with _s3_errors(ref):
+            listing = self._s3().list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        objects = listing.get("Contents", [])
+        if not objects:
+            raise ModelNotFound(ref.name)
+        files = [(obj["Key"][len(prefix) :], int(obj["Size"])) for obj in objects]
+        stamps = sorted((obj["Key"], obj.get("ETag", ""), int(obj["Size"])) for obj in objects)
+        digest = hashlib.sha256(repr(stamps).encode()).hexdigest()[:40]
+        return Snapshot(ref, digest, _select(ref, files), public=True)
+
+    def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
+        bucket, prefix = self._split(snapshot.ref)
+        for file in snapshot.files:
+            with _s3_errors(snapshot.ref):
+                self._s3().download_file(bucket, prefix + file.name, str(dest / file.name))
+
+
+class _s3_errors:
+    def __init__(self, ref: AdapterRef) -> None:
+        self.ref = ref
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchBucket", "NoSuchKey", "AccessDenied", "404", "403", "InvalidBucketName"):
+                raise ModelNotFound(self.ref.name) from exc
+        if isinstance(exc, ClientError | BotoCoreError | OSError):
+            logger.warning("S3 unreachable for %s: %s", self.ref.name, type(exc).__name__)
+            raise SourceUnavailable(f"S3 is unreachable for {self.ref.name}; try again later.") from exc

@@ -1,0 +1,249 @@
+"""The bounded on-disk adapter cache.
+
+Layout under the cache folder::
+
+    entries/<key>/           one checked adapter snapshot (key = source, name and pinned version)
+        .loraserve-entry.json   what it is; its mtime is the last use
+    tmp/<key>.<uuid>.incomplete/   downloads in progress; swept at start
+
+A download is fetched into ``tmp/``, checked, then renamed into ``entries/``
+in one ``os.replace``: a crash at any moment leaves no half entry. The byte
+budget holds before a download (sizes are known from the source) and after
+it. Least recently used entries go first; an entry with leases (requests in
+flight) or pinned is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from loraserve.adapters.ref import AdapterRef
+from loraserve.adapters.single_flight import SingleFlight
+from loraserve.adapters.sources import Snapshot
+from loraserve.errors import AdapterTooLarge, CacheFull
+
+logger = logging.getLogger(__name__)
+
+META = ".loraserve-entry.json"
+
+
+@dataclass
+class CacheEntry:
+    key: str
+    path: Path
+    size: int
+    ref: AdapterRef
+    version: str
+    public: bool
+    last_used: float
+    leases: int = 0
+    pinned: bool = False
+
+    @property
+    def evictable(self) -> bool:
+        return self.leases == 0 and not self.pinned
+
+    @property
+    def root(self) -> str:
+        return f"{self.ref.name}@{self.version}"
+
+
+def plan_eviction(entries: list[CacheEntry], need: int, budget: int) -> list[CacheEntry] | None:
+    """Which entries to evict (least recently used first) so ``need`` more bytes fit; None if they can't."""
+    used = sum(e.size for e in entries)
+    victims: list[CacheEntry] = []
+    for entry in sorted((e for e in entries if e.evictable), key=lambda e: e.last_used):
+        if used + need <= budget:
+            break
+        victims.append(entry)
+        used -= entry.size
+    return victims if used + need <= budget else None
+
+
+def _folder_size(folder: Path) -> int:
+    """Bytes of the adapter's files (the small metadata file is not counted, as sources don't list it)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != META)
+
+
+class AdapterStore:
+    def __init__(
+        self, root: Path, budget: int, on_evict: Callable[[CacheEntry], Awaitable[None]] | None = None
+    ) -> None:
+        self.root = root
+        self.budget = budget
+        self._entries: dict[str, CacheEntry] = {}
+        self._downloads: SingleFlight[CacheEntry] = SingleFlight()
+        self._room = asyncio.Lock()
+        self._reserved = 0
+        self._on_evict = on_evict
+        self._entries_dir = root / "entries"
+        self._tmp_dir = root / "tmp"
+
+    def set_evict_hook(self, on_evict: Callable[[CacheEntry], Awaitable[None]]) -> None:
+        """Called before an entry leaves the disk (the registry drops it from the engine)."""
+        self._on_evict = on_evict
+
+    # -- start-up ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Sweep leftovers of interrupted downloads, then rebuild the index from disk."""
+        self._entries_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        for folder in self._entries_dir.iterdir():
+            entry = self._read_entry(folder)
+            if entry is None:
+                logger.warning("removing unreadable adapter cache entry %s", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self._entries[entry.key] = entry
+        logger.info("adapter cache: %d entries, %d of %d bytes", len(self._entries), self.used_bytes, self.budget)
+
+    def _read_entry(self, folder: Path) -> CacheEntry | None:
+        try:
+            meta = json.loads((folder / META).read_text())
+            ref = AdapterRef(meta["source"], meta["name"], meta.get("revision"))
+            return CacheEntry(
+                key=folder.name,
+                path=folder,
+                size=_folder_size(folder),
+                ref=ref,
+                version=meta["version"],
+                public=bool(meta["public"]),
+                last_used=(folder / META).stat().st_mtime,
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- reading ----------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
+    def entries(self) -> list[CacheEntry]:
+        return list(self._entries.values())
+
+    def get(self, key: str) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    def cached_versions(self, ref: AdapterRef) -> list[CacheEntry]:
+        """Entries of this reference, newest use first (for when the source is down)."""
+        same = [
+            e
+            for e in self._entries.values()
+            if e.ref.source == ref.source
+            and e.ref.name == ref.name
+            and (ref.revision is None or ref.revision in (e.ref.revision, e.version))
+        ]
+        return sorted(same, key=lambda e: e.last_used, reverse=True)
+
+    @contextmanager
+    def lease(self, entry: CacheEntry) -> Iterator[CacheEntry]:
+        """Hold an entry for the length of a request: it cannot be evicted meanwhile."""
+        entry.leases += 1
+        self.touch(entry)
+        try:
+            yield entry
+        finally:
+            entry.leases -= 1
+
+    def touch(self, entry: CacheEntry) -> None:
+        entry.last_used = time.time()
+        try:
+            os.utime(entry.path / META)
+        except OSError:
+            pass
+
+    # -- filling ----------------------------------------------------------
+
+    async def ensure(
+        self,
+        snapshot: Snapshot,
+        fetch: Callable[[Path], None],
+        check: Callable[[Path], object],
+    ) -> CacheEntry:
+        """The entry for ``snapshot``, downloading it once however many callers ask."""
+        entry = self._entries.get(snapshot.key)
+        if entry is not None:
+            self.touch(entry)
+            return entry
+        return await self._downloads.run(snapshot.key, lambda: self._download(snapshot, fetch, check))
+
+    async def _download(
+        self, snapshot: Snapshot, fetch: Callable[[Path], None], check: Callable[[Path], object]
+    ) -> CacheEntry:
+        need = snapshot.total_size
+        if need > self.budget:
+            raise AdapterTooLarge(
+                f"{snapshot.ref.display()} needs {need} bytes, more than the whole adapter cache "
+                f"(--adapter-cache-size {self.budget} bytes)",
+                param="model",
+            )
+        async with self._room:
+            await self._make_room(need)
+            self._reserved += need
+        work = self._tmp_dir / f"{snapshot.key}.{uuid.uuid4().hex}.incomplete"
+        try:
+            work.mkdir(parents=True)
+            started = time.monotonic()
+            await anyio.to_thread.run_sync(fetch, work)
+            await anyio.to_thread.run_sync(check, work)
+            meta = {
+                "source": snapshot.ref.source,
+                "name": snapshot.ref.name,
+                "revision": snapshot.ref.revision,
+                "version": snapshot.version,
+                "public": snapshot.public,
+                "fetched_at": time.time(),
+            }
+            (work / META).write_text(json.dumps(meta))
+            target = self._entries_dir / snapshot.key
+            os.replace(work, target)
+            entry = CacheEntry(
+                snapshot.key, target, _folder_size(target), snapshot.ref, snapshot.version, snapshot.public, time.time()
+            )
+            self._entries[entry.key] = entry
+            logger.info("cached adapter %s (%d bytes) in %.2f s", snapshot.root, entry.size, time.monotonic() - started)
+        finally:
+            self._reserved -= need
+            shutil.rmtree(work, ignore_errors=True)
+        if entry.size > need:
+            # The source understated the size: restore the budget now, sparing the new entry.
+            async with self._room:
+                with self.lease(entry):
+                    await self._make_room(0)
+        return entry
+
+    async def _make_room(self, need: int) -> None:
+        victims = plan_eviction(self.entries(), need + self._reserved, self.budget)
+        if victims is None:
+            raise CacheFull(
+                "The adapter cache is full of adapters that requests are using right now; try again shortly."
+            )
+        for victim in victims:
+            await self.evict(victim)
+
+    async def evict(self, entry: CacheEntry) -> None:
+        if not entry.evictable or self._entries.get(entry.key) is not entry:
+            return
+        del self._entries[entry.key]
+        logger.info("evicting adapter %s (%d bytes) from the cache", entry.root, entry.size)
+        if self._on_evict is not None:
+            await self._on_evict(entry)
+        # Rename first so the entry vanishes at once; the slow delete happens after.
+        doomed = self._tmp_dir / f"{entry.key}.{uuid.uuid4().hex}.evicted"
+        os.replace(entry.path, doomed)
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(doomed, ignore_errors=True))

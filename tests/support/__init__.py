@@ -1,0 +1,1 @@
+"""Test-support code: a fake Hugging Face Hub and real LoRA adapters."""

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from loraserve.adapters.ref import AdapterRef
+from loraserve.adapters.sources import RemoteFile, Snapshot
+from loraserve.adapters.store import AdapterStore, CacheEntry, plan_eviction
+from loraserve.errors import AdapterTooLarge, CacheFull, InvalidAdapter
+
+
+def _snapshot(name: str, size: int, version: str = "v1") -> Snapshot:
+    return Snapshot(AdapterRef("hub", f"org/{name}"), version, (RemoteFile("weights", size),), public=True)
+
+
+def _writer(size: int, calls: list[str] | None = None):  # type: ignore[no-untyped-def]
+    def fetch(dest: Path) -> None:
+        if calls is not None:
+            calls.append(threading.current_thread().name)
+        (dest / "weights").write_bytes(b"x" * size)
+
+    return fetch
+
+
+def _entry(key: str, size: int, used: float, leases: int = 0) -> CacheEntry:
+    return CacheEntry(key, Path(key), size, AdapterRef("hub", "o/" + key), "v", True, used, leases)
+
+
+def test_plan_eviction_takes_least_recently_used_first_and_skips_leased() -> None:
+    entries = [_entry("old", 40, 1.0), _entry("busy", 40, 0.5, leases=1), _entry("new", 40, 3.0)]
+    assert [e.key for e in plan_eviction(entries, 40, 120) or []] == ["old"]
+    assert [e.key for e in plan_eviction(entries, 40, 100) or []] == ["old", "new"]
+    assert plan_eviction(entries, 100, 100) is None  # "busy" can never go
+
+
+async def test_concurrent_first_requests_download_once(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 10_000)
+    store.open()
+    calls: list[str] = []
+    snapshot = _snapshot("a", 100)
+    entries = await asyncio.gather(*(store.ensure(snapshot, _writer(100, calls), lambda _: None) for _ in range(16)))
+    assert len(calls) == 1
+    assert all(e is entries[0] for e in entries)
+    assert (entries[0].path / "weights").read_bytes() == b"x" * 100
+
+
+async def test_a_failed_check_leaves_no_entry_and_every_waiter_gets_the_error(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 10_000)
+    store.open()
+
+    def refuse(_: Path) -> None:
+        raise InvalidAdapter("bad")
+
+    results = await asyncio.gather(
+        *(store.ensure(_snapshot("a", 10), _writer(10), refuse) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, InvalidAdapter) for r in results)
+    assert store.entries() == []
+    assert list((tmp_path / "entries").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_budget_evicts_lru_but_never_a_leased_entry(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 1000)
+    store.open()
+    evicted: list[str] = []
+
+    async def on_evict(entry: CacheEntry) -> None:
+        evicted.append(entry.ref.name)
+
+    store.set_evict_hook(on_evict)
+    first = await store.ensure(_snapshot("a", 400), _writer(400), lambda _: None)
+    await store.ensure(_snapshot("b", 400), _writer(400), lambda _: None)
+    with store.lease(first):
+        await store.ensure(_snapshot("c", 400), _writer(400), lambda _: None)
+    assert evicted == ["org/b"]
+    assert store.used_bytes <= 1000
+    assert not any(p.name.endswith(".evicted") for p in (tmp_path / "tmp").iterdir())
+    with store.lease(store.entries()[0]), store.lease(store.entries()[1]):
+        with pytest.raises(CacheFull):
+            await store.ensure(_snapshot("d", 400), _writer(400), lambda _: None)
+
+
+async def test_an_adapter_larger_than_the_budget_is_refused_before_download(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 100)
+    store.open()
+    calls: list[str] = []
+    with pytest.raises(AdapterTooLarge):
+        await store.ensure(_snapshot("huge", 101), _writer(101, calls), lambda _: None)
+    assert calls == []
+
+
+async def test_index_is_rebuilt_and_leftovers_swept_at_start(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 10_000)
+    store.open()
+    entry = await store.ensure(_snapshot("a", 10), _writer(10), lambda _: None)
+    half = tmp_path / "tmp" / "deadbeef.123.incomplete"
+    half.mkdir()
+    (half / "weights").write_bytes(b"partial")
+    (tmp_path / "entries" / "garbage").mkdir()
+    reopened = AdapterStore(tmp_path, 10_000)
+    reopened.open()
+    assert [e.key for e in reopened.entries()] == [entry.key]
+    assert reopened.entries()[0].ref == AdapterRef("hub", "org/a")
+    assert not half.exists()
+    assert not (tmp_path / "entries" / "garbage").exists()
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_download(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 10_000)
+    store.open()
+    gate = threading.Event()
+
+    def slow(dest: Path) -> None:
+        gate.wait(5)
+        (dest / "weights").write_bytes(b"x")
+
+    snapshot = _snapshot("a", 1)
+    leaving = asyncio.ensure_future(store.ensure(snapshot, slow, lambda _: None))
+    staying = asyncio.ensure_future(store.ensure(snapshot, slow, lambda _: None))
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    gate.set()
+    entry = await staying
+    assert store.get(entry.key) is entry

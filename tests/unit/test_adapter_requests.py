@@ -1,0 +1,94 @@
+"""Adapters through HTTP with the fake engine: naming, loading, templates, errors, listing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loraserve.app import create_app
+from loraserve.config import Settings
+from tests.unit.adapters.helpers import write_adapter, write_base
+from tests.unit.conftest import FakeEngine
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "hello"}]
+OWN_TEMPLATE = "{% for m in messages %}system {{ m['content'] }} the end{% endfor %}"
+
+
+@pytest.fixture
+def adapter_root(tmp_path: Path) -> Path:
+    root = tmp_path / "adapters"
+    write_adapter(root / "plain")
+    write_adapter(root / "templated", chat_template=OWN_TEMPLATE)
+    write_adapter(root / "wrong", modules=("gate_proj",))
+    return root
+
+
+@pytest.fixture
+def adapter_client(model_dir: Path, adapter_root: Path, tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
+    write_base(model_dir)
+    settings = Settings(
+        model=str(model_dir), served_model_name="tiny", cache_dir=tmp_path / "cache", adapter_dir=[adapter_root]
+    )
+    with TestClient(create_app(settings, engine=engine)) as client:
+        yield client
+
+
+def _chat(client: TestClient, model: str) -> dict:
+    response = client.post(CHAT, json={"model": model, "adapter_source": "local", "messages": USER, "max_tokens": 1})
+    return {"status": response.status_code, **response.json()}
+
+
+def test_a_local_adapter_reaches_the_engine_as_a_lora(adapter_client: TestClient, engine: FakeEngine) -> None:
+    assert _chat(adapter_client, "plain")["status"] == 200
+    lora = engine.calls[-1][3]
+    assert lora is not None and lora.int_id >= 1
+    assert engine.loras[lora.int_id] == lora
+    assert _chat(adapter_client, "plain")["status"] == 200
+    assert engine.calls[-1][3] == lora  # same snapshot, same id: loaded once
+
+
+def test_adapter_template_wins_over_the_base(adapter_client: TestClient, engine: FakeEngine) -> None:
+    plain = _chat(adapter_client, "plain")
+    own = _chat(adapter_client, "templated")
+    # The adapter's template renders "system hello the end": 4 words of the tiny vocabulary.
+    assert own["usage"]["prompt_tokens"] == 4
+    assert plain["usage"]["prompt_tokens"] != 4
+
+
+def test_adapter_for_modules_the_base_lacks_is_400(adapter_client: TestClient, engine: FakeEngine) -> None:
+    result = _chat(adapter_client, "wrong")
+    assert result["status"] == 400
+    assert result["error"]["code"] == "invalid_adapter"
+    assert engine.calls == []
+
+
+def test_engine_refusal_is_400_and_the_server_stays_up(adapter_client: TestClient, engine: FakeEngine) -> None:
+    engine.reject_loras = True
+    result = _chat(adapter_client, "plain")
+    assert result["status"] == 400 and "unsupported adapter" in result["error"]["message"]
+    engine.reject_loras = False
+    assert _chat(adapter_client, "plain")["status"] == 200
+
+
+def test_traversal_names_are_404_without_touching_disk(adapter_client: TestClient) -> None:
+    for name in ("../adapters/plain", "/etc", "plain/../../x"):
+        result = _chat(adapter_client, name)
+        assert result["status"] == 404 and result["error"]["code"] == "model_not_found"
+
+
+def test_models_lists_cached_adapters_with_parent_and_root(adapter_client: TestClient) -> None:
+    _chat(adapter_client, "plain")
+    cards = adapter_client.get("/v1/models").json()["data"]
+    adapter = next(c for c in cards if c["id"] == "plain")
+    assert adapter["parent"] == "tiny"
+    assert adapter["root"].startswith("plain@")
+
+
+def test_leases_are_released_after_each_request(adapter_client: TestClient) -> None:
+    _chat(adapter_client, "plain")
+    services = adapter_client.app.state.services  # type: ignore[attr-defined]
+    assert all(entry.leases == 0 for entry in services.catalog._adapters.entries())
