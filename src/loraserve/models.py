@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from loraserve.adapters.ref import SourceKind
 from loraserve.adapters.registry import AdapterLease, AdapterRegistry
@@ -49,6 +50,11 @@ class ModelCatalog:
         lease = await self._adapters.acquire(requested, source, token)
         loaded = lease.loaded
         return ModelTarget(requested, loaded.chat or self._base_chat, loaded.target, lease)
+
+    def adapter_status(self) -> dict[str, Any]:
+        if self._adapters is None:
+            return {"cache": None, "data": []}
+        return {"cache": self._adapters.cache_summary(), "data": self._adapters.status()}
 
     def cards(self) -> list[ModelCard]:
         cards = [

@@ -92,3 +92,13 @@ def test_leases_are_released_after_each_request(adapter_client: TestClient) -> N
     _chat(adapter_client, "plain")
     services = adapter_client.app.state.services  # type: ignore[attr-defined]
     assert all(entry.leases == 0 for entry in services.catalog._adapters.entries())
+
+
+def test_adapters_route_reports_cache_and_cold_load_timings(adapter_client: TestClient) -> None:
+    _chat(adapter_client, "plain")
+    body = adapter_client.get("/v1/adapters").json()
+    assert body["cache"]["entries"] == 1 and body["cache"]["used_bytes"] > 0
+    row = body["data"][0]
+    assert row["id"] == "plain" and row["source"] == "local" and row["in_flight"] == 0
+    assert row["lora_id"] >= 1
+    assert row["download_seconds"] >= 0 and row["load_seconds"] >= 0 and row["resolve_seconds"] >= 0

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class LoadedAdapter:
     entry: CacheEntry
     target: LoraTarget
     chat: ChatFormat | None  # None: the adapter ships no template, use the base's
+    load_seconds: float = 0.0  # the engine's add_lora, on first use
 
 
 class AdapterLease:
@@ -91,6 +93,7 @@ class AdapterRegistry:
         self._resolves: SingleFlight[Snapshot] = SingleFlight()
         self._loads: SingleFlight[LoadedAdapter] = SingleFlight()
         self._ids = itertools.count(1)  # never reused, so an id always means the same weights
+        self.last_resolve_seconds: dict[str, float] = {}  # entry key -> the last round trip to its source
 
     async def acquire(self, model: str, source: SourceKind, request_token: str | None) -> AdapterLease:
         ref = parse_ref(model, source)
@@ -125,8 +128,10 @@ class AdapterRegistry:
             return cached
 
         async def work() -> Snapshot:
+            started = time.monotonic()
             snapshot = await anyio.to_thread.run_sync(self._sources[ref.source].resolve, ref, token)
             self._snapshots[key] = snapshot
+            self.last_resolve_seconds[snapshot.key] = time.monotonic() - started
             return snapshot
 
         return await self._resolves.run(key, work)
@@ -149,13 +154,14 @@ class AdapterRegistry:
     async def _load_once(self, entry: CacheEntry) -> LoadedAdapter:
         target = LoraTarget(name=f"{entry.ref.name}@{entry.version}", int_id=next(self._ids), path=str(entry.path))
         chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
+        started = time.monotonic()
         try:
             await self._engine.add_lora(target)
         except EngineRejected as exc:
             # A snapshot the engine refuses would fail every time: drop it from the cache.
             await self._store.evict(entry)
             raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {exc}") from exc
-        loaded = LoadedAdapter(entry, target, chat)
+        loaded = LoadedAdapter(entry, target, chat, time.monotonic() - started)
         self._loaded[entry.key] = loaded
         logger.info("loaded adapter %s as LoRA id %d", target.name, target.int_id)
         return loaded
@@ -186,6 +192,7 @@ class AdapterRegistry:
         """Called by the store before it deletes an entry: drop it from the engine too."""
         loaded = self._loaded.pop(entry.key, None)
         self._verified.pop(entry.key, None)
+        self.last_resolve_seconds.pop(entry.key, None)
         if loaded is not None:
             try:
                 await self._engine.remove_lora(loaded.target.int_id)
@@ -194,3 +201,34 @@ class AdapterRegistry:
 
     def entries(self) -> list[CacheEntry]:
         return self._store.entries()
+
+    def status(self) -> list[dict[str, Any]]:
+        """What is cached and loaded, for /v1/adapters (public adapters only: private ones stay unlisted)."""
+        rows = []
+        for entry in sorted(self._store.entries(), key=lambda e: e.last_used, reverse=True):
+            if not entry.public:
+                continue
+            loaded = self._loaded.get(entry.key)
+            rows.append(
+                {
+                    "id": entry.ref.display(),
+                    "source": entry.ref.source,
+                    "root": entry.root,
+                    "size_bytes": entry.size,
+                    "in_flight": entry.leases,
+                    "last_used": int(entry.last_used),
+                    "lora_id": loaded.target.int_id if loaded else None,
+                    "own_chat_template": bool(loaded and loaded.chat),
+                    "resolve_seconds": self.last_resolve_seconds.get(entry.key),
+                    "download_seconds": entry.fetch_seconds,
+                    "load_seconds": loaded.load_seconds if loaded else None,
+                }
+            )
+        return rows
+
+    def cache_summary(self) -> dict[str, int]:
+        return {
+            "entries": len(self._store.entries()),
+            "used_bytes": self._store.used_bytes,
+            "budget": self._store.budget,
+        }

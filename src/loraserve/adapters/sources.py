@@ -127,10 +127,14 @@ class _hub_errors:
             EntryNotFoundError,
             GatedRepoError,
             HfHubHTTPError,
+            LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
 
+        if isinstance(exc, LocalEntryNotFoundError):
+            # huggingface_hub's way of saying "could not reach the Hub and the file is not cached".
+            raise SourceUnavailable(f"The Hub is unreachable for {self.ref.display()}; try again later.") from exc
         if isinstance(exc, RepositoryNotFoundError | GatedRepoError | RevisionNotFoundError | EntryNotFoundError):
             raise ModelNotFound(self.ref.display()) from exc
         if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):

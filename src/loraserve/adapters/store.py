@@ -50,6 +50,7 @@ class CacheEntry:
     last_used: float
     leases: int = 0
     pinned: bool = False
+    fetch_seconds: float | None = None  # download and checks, when this process fetched it
 
     @property
     def evictable(self) -> bool:
@@ -215,6 +216,7 @@ class AdapterStore:
             entry = CacheEntry(
                 snapshot.key, target, _folder_size(target), snapshot.ref, snapshot.version, snapshot.public, time.time()
             )
+            entry.fetch_seconds = time.monotonic() - started
             self._entries[entry.key] = entry
             logger.info("cached adapter %s (%d bytes) in %.2f s", snapshot.root, entry.size, time.monotonic() - started)
         finally:

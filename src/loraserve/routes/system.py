@@ -31,6 +31,12 @@ async def list_models(services: Services = Depends(get_services)) -> ModelList:
     return ModelList(data=services.catalog.cards())
 
 
+@router.get("/v1/adapters")
+async def list_adapters(services: Services = Depends(get_services)) -> dict[str, Any]:
+    """Adapters in the disk cache: source, pinned root, size, requests in flight, cold-load timings."""
+    return services.catalog.adapter_status()
+
+
 @router.get("/info")
 async def info(services: Services = Depends(get_services)) -> dict[str, Any]:
     base = services.catalog.base

@@ -1,0 +1,150 @@
+"""The registry with the real huggingface_hub client against a Hub-protocol server, and a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraserve.adapters.registry import AdapterRegistry
+from loraserve.adapters.sources import HubSource, LocalSource, S3Source
+from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.validate import BaseShapes
+from loraserve.errors import CacheFull, InvalidAdapter, ModelNotFound, SourceUnavailable
+from loraserve.templates import ChatFormat, load_tokenizer
+from tests.support.fake_hub import FakeHub, patch_default_endpoint
+from tests.unit.adapters.helpers import write_adapter, write_base
+from tests.unit.conftest import FakeEngine
+
+TOKEN = "hf_team_token"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub() as running:
+        patch_default_endpoint(monkeypatch, running.url)
+        yield running
+
+
+def _registry(
+    tmp_path: Path, model_dir: Path, engine: FakeEngine, budget: int = 10**9, ttl: float = 60
+) -> AdapterRegistry:
+    write_base(model_dir)
+    store = AdapterStore(tmp_path / "cache", budget)
+    store.open()
+    registry = AdapterRegistry(
+        engine=engine,
+        store=store,
+        sources={"hub": HubSource(), "local": LocalSource([]), "s3": S3Source()},
+        base_shapes=BaseShapes.from_folder(model_dir),
+        base_names=frozenset({"base"}),
+        base_tokenizer=ChatFormat(load_tokenizer(model_dir)).tokenizer,
+        max_lora_rank=16,
+        resolve_ttl=ttl,
+        server_token=None,
+    )
+    store.set_evict_hook(registry.forget)
+    return registry
+
+
+def _publish(hub: FakeHub, tmp_path: Path, repo: str, **kwargs: object) -> str:
+    folder = write_adapter(tmp_path / "src" / repo.replace("/", "__"), **kwargs)  # type: ignore[arg-type]
+    private = kwargs.pop("private", False) if "private" in kwargs else False
+    return hub.add_repo(repo, folder, private=bool(private), token=TOKEN if private else None)
+
+
+async def test_a_hub_adapter_is_pinned_to_its_commit_and_loaded_once(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    engine = FakeEngine()
+    registry = _registry(tmp_path, model_dir, engine)
+    sha = _publish(hub, tmp_path, "acme/a")
+    leases = await asyncio.gather(*(registry.acquire("acme/a", "hub", None) for _ in range(8)))
+    assert {lease.loaded.target.int_id for lease in leases} == {leases[0].loaded.target.int_id}
+    assert leases[0].loaded.entry.version == sha
+    assert len(engine.loras) == 1
+    assert hub.hits[("acme/a", "adapter_model.safetensors")] == 1
+    for lease in leases:
+        lease.release()
+    assert leases[0].loaded.entry.leases == 0
+
+
+async def test_a_moved_branch_is_a_new_entry_never_new_weights_under_an_old_id(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    engine = FakeEngine()
+    registry = _registry(tmp_path, model_dir, engine, ttl=0)
+    first_sha = _publish(hub, tmp_path, "acme/a")
+    first = await registry.acquire("acme/a", "hub", None)
+    second_sha = hub.add_repo("acme/a", write_adapter(tmp_path / "v2", rank=8))
+    second = await registry.acquire("acme/a", "hub", None)
+    assert (first.loaded.entry.version, second.loaded.entry.version) == (first_sha, second_sha)
+    assert first.loaded.target.int_id != second.loaded.target.int_id
+    assert first.loaded.target.path != second.loaded.target.path
+    pinned = await registry.acquire(f"acme/a@{first_sha}", "hub", None)
+    assert pinned.loaded.entry is first.loaded.entry
+
+
+async def test_private_adapters_check_every_requester(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine())
+    folder = write_adapter(tmp_path / "private")
+    hub.add_repo("acme/private", folder, private=True, token=TOKEN)
+    with pytest.raises(ModelNotFound):
+        await registry.acquire("acme/private", "hub", None)
+    opened = await registry.acquire("acme/private", "hub", TOKEN)
+    opened.release()
+    for token in (None, "hf_other"):
+        with pytest.raises(ModelNotFound):
+            await registry.acquire("acme/private", "hub", token)
+
+
+async def test_small_budget_evicts_from_disk_and_engine_and_refetches(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    engine = FakeEngine()
+    one_adapter = write_adapter(tmp_path / "probe")
+    size = sum(p.stat().st_size for p in one_adapter.iterdir())
+    registry = _registry(tmp_path, model_dir, engine, budget=int(size * 1.5))
+    _publish(hub, tmp_path, "acme/a")
+    _publish(hub, tmp_path, "acme/b")
+    a = await registry.acquire("acme/a", "hub", None)
+    a.release()
+    b = await registry.acquire("acme/b", "hub", None)
+    assert not a.loaded.entry.path.exists()
+    assert a.loaded.target.int_id not in engine.loras
+    assert list(engine.loras) == [b.loaded.target.int_id]
+    with pytest.raises(CacheFull):  # b is in use: it must not be evicted for a
+        await registry.acquire("acme/a", "hub", None)
+    b.release()
+    again = await registry.acquire("acme/a", "hub", None)
+    assert again.loaded.entry.path.exists()
+    assert hub.hits[("acme/a", "adapter_model.safetensors")] == 2
+    assert again.loaded.target.int_id not in (a.loaded.target.int_id, b.loaded.target.int_id)
+
+
+async def test_hub_down_serves_a_cached_public_adapter_and_503_otherwise(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine(), ttl=0)
+    _publish(hub, tmp_path, "acme/a")
+    (await registry.acquire("acme/a", "hub", None)).release()
+    hub.add_repo("acme/private", write_adapter(tmp_path / "p"), private=True, token=TOKEN)
+    (await registry.acquire("acme/private", "hub", TOKEN)).release()
+    hub.down = True
+    served = await registry.acquire("acme/a", "hub", None)
+    assert served.loaded.entry.ref.name == "acme/a"
+    with pytest.raises(SourceUnavailable):
+        await registry.acquire("acme/never-seen", "hub", None)
+    with pytest.raises(SourceUnavailable):  # private and never opened without a token: no fallback
+        await registry.acquire("acme/private", "hub", None)
+    (await registry.acquire("acme/private", "hub", TOKEN)).release()
+
+
+async def test_pickled_adapters_are_refused_before_download(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine())
+    hub.add_repo("acme/pickled", write_adapter(tmp_path / "pk", pickle_only=True))
+    with pytest.raises(InvalidAdapter, match="pickled"):
+        await registry.acquire("acme/pickled", "hub", None)
+    assert not any(repo == "acme/pickled" for repo, _ in hub.hits)
