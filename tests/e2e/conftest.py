@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
+from moto.server import ThreadedMotoServer
 from openai import OpenAI
 
 from loraserve.demo import embedded_model_dir
@@ -81,7 +83,24 @@ def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
     publish("acme/rank-32", 6, r=32)
     local = make_lora_adapter(base, work / "local" / "team" / "local-a", seed=7)
     made["team/local-a"] = local
+    made["s3://loras/team/s3-a"] = make_lora_adapter(base, work / "s3-a", seed=8)
     return made
+
+
+_AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _start_s3(folder: Path) -> tuple[ThreadedMotoServer, str]:
+    """moto's S3-compatible server on loopback, holding one adapter under s3://loras/team/s3-a."""
+    port = _free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    s3.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in _AWS.items() if "KEY" in k})
+    client.create_bucket(Bucket="loras")
+    for path in folder.iterdir():
+        client.upload_file(str(path), "loras", f"team/s3-a/{path.name}")
+    return s3, endpoint
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +111,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     hub = FakeHub()
     hub.start()
     adapters = _make_adapters(model_dir, work / "adapters", hub)
+    s3, s3_endpoint = _start_s3(adapters["s3://loras/team/s3-a"])
     port = _free_port()
     log = work / "server.log"
     # fp32 keeps greedy decoding deterministic; small sizes keep the test machine free.
@@ -102,6 +122,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(_AWS, AWS_ENDPOINT_URL=s3_endpoint)
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -116,6 +137,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         hub.stop()
+        s3.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -105,6 +105,15 @@ def test_a_local_adapter_is_served(server: RunningServer) -> None:
     assert local != _greedy(server, "")
 
 
+def test_an_s3_adapter_is_served(server: RunningServer) -> None:
+    s3 = _greedy(server, "s3://loras/team/s3-a", adapter_source="s3")
+    assert s3 != _greedy(server, "")
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(
+            model="s3://loras/team/none", prompt=PROMPT, max_tokens=2, extra_body={"adapter_source": "s3"}
+        )
+
+
 def test_models_lists_adapters_with_parent_and_pinned_root(server: RunningServer) -> None:
     _greedy(server, "acme/voice")
     cards = {card["id"]: card for card in httpx.get(f"{server.v1}/models").json()["data"]}

@@ -18,11 +18,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_python_example_runs(server: RunningServer, script: str) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script)],
-        env={**os.environ, "LORASERVE_BASE_URL": server.v1},
+        env={**os.environ, "LORASERVE_BASE_URL": server.v1, "LORASERVE_ADAPTER": "acme/voice"},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Berlin" in result.stdout or "Paris" in result.stdout
+    if script == "openai_adapter.py":
+        assert "acme/voice: " in result.stdout
 
 
 def test_curl_example_runs(server: RunningServer) -> None:
