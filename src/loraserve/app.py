@@ -71,7 +71,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         base_chat = ChatFormat(tokenizer)
         adapters = _adapter_registry(settings, running, base, base_chat)
         catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
-        app.state.services = Services(settings, running, catalog, Generator(running, catalog))
+        app.state.services = Services(settings, running, catalog, Generator(running, catalog, settings.max_n))
         logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
         try:
             yield

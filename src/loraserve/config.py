@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (larger is 413)."
     )
+    max_n: int = Field(
+        8, ge=1, le=128, description="Largest `n` (and `best_of`) a request may ask for: choices cost engine time."
+    )
     health_timeout: float = Field(
         10.0, gt=0, description="Seconds /health waits for the engine to answer before reporting 503."
     )

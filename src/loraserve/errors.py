@@ -154,6 +154,8 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "parse error"))
         return error_response(InvalidRequest(message))
+    if first.get("type") == "invalid_combination":  # our cross-field checks name their parameter
+        return error_response(InvalidRequest(str(first.get("msg")), param=(first.get("ctx") or {}).get("param")))
     loc = tuple(first.get("loc", ()))
     if loc == ("body",):
         return error_response(

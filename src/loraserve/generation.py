@@ -1,13 +1,15 @@
-"""From a validated OpenAI request to engine output: prompt, limits, sampling, errors.
+"""From a validated OpenAI request to engine output: prompts, limits, sampling, errors.
 
 Routes call this and only shape the answer; this module knows no HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,8 @@ from loraserve.engine import (
     EngineRejected,
     FinishReason,
     SamplingOptions,
+    StructuredOutput,
+    TokenLogprob,
 )
 from loraserve.errors import (
     ContextLengthExceeded,
@@ -32,140 +36,254 @@ from loraserve.errors import (
 )
 from loraserve.models import ModelCatalog, ModelTarget
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from loraserve.structured import response_format_constraint
 from loraserve.templates import ChatFormat
+from loraserve.tools import ToolPlan, plan_tools
 
 logger = logging.getLogger(__name__)
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
 
 @dataclass(frozen=True)
+class EngineCall:
+    """One engine request: one prompt, ``options.n`` samples."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_text: str
+
+
+@dataclass
 class PreparedRequest:
     request_id: str
     target: ModelTarget
-    prompt_token_ids: list[int]
+    calls: list[EngineCall]
     options: SamplingOptions
+    n: int  # choices returned per prompt (fewer than options.n with best_of)
+    echo: bool = False
+    want_logprobs: bool = False
+    tools: ToolPlan | None = None
 
     def release(self) -> None:
         self.target.release()
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(call.prompt_token_ids) for call in self.calls)
+
+    def choice_index(self, call: int, local: int) -> int:
+        return call * self.n + local
+
+
+@dataclass
+class FinishedChoice:
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float | None = None
+
 
 @dataclass
 class FinishedCompletion:
-    text: str
-    finish_reason: FinishReason
+    choices: list[FinishedChoice]
     prompt_tokens: int
     completion_tokens: int
 
 
-@dataclass
-class StreamCounter:
-    """Running token count of a stream, for its final usage chunk."""
-
-    completion_tokens: int = 0
-    finish_reason: FinishReason | None = field(default=None)
-
-
 class Generator:
-    def __init__(self, engine: Engine, catalog: ModelCatalog) -> None:
+    def __init__(self, engine: Engine, catalog: ModelCatalog, max_n: int = 8) -> None:
         self._engine = engine
         self._catalog = catalog
+        self._max_n = max_n
 
     # -- preparing --------------------------------------------------------
 
     async def prepare_chat(self, body: ChatCompletionRequest, hub_token: str | None = None) -> PreparedRequest:
-        _reject_unsupported(body)
+        _log_unknown_fields(body)
+        self._check_n(body.n, "n")
+        tools = plan_tools(body)
+        structured = response_format_constraint(body.response_format)
+        if tools is not None and tools.constraint is not None:
+            if structured is not None:
+                raise InvalidRequest(
+                    "`response_format` cannot be combined with a tool_choice that forces a tool call.",
+                    param="response_format",
+                )
+            structured = tools.constraint
         target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
         try:
             messages = [_message_dict(m) for m in body.messages]
-            prompt_ids = await anyio.to_thread.run_sync(self._render_and_encode, target.chat, messages)
-            return self._prepared("chatcmpl", target, prompt_ids, body, body.token_limit(), "messages")
+            tool_specs = tools.template_tools if tools else None
+            prompt_ids = await anyio.to_thread.run_sync(self._render_and_encode, target.chat, messages, tool_specs)
+            top = body.top_logprobs or 0
+            options = self._options(
+                body,
+                target.chat.tokenizer,
+                self._room(len(prompt_ids), body.token_limit(), "messages"),
+                n=body.n,
+                logprobs=top if body.logprobs else None,
+                structured=structured,
+            )
+            call = EngineCall(f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "")
+            return PreparedRequest(call.request_id, target, [call], options, body.n, False, body.logprobs, tools)
         except BaseException:
             target.release()
             raise
 
     async def prepare_completion(self, body: CompletionRequest, hub_token: str | None = None) -> PreparedRequest:
-        _reject_unsupported(body)
-        _reject_unsupported_completion(body)
+        _log_unknown_fields(body)
+        if body.suffix:
+            raise UnsupportedParameter("`suffix` (insertion) is not supported by this server.", param="suffix")
+        if body.response_format is not None:
+            raise UnsupportedParameter(
+                "`response_format` (JSON mode) is only for /v1/chat/completions.", param="response_format"
+            )
+        samples = body.best_of or body.n
+        self._check_n(samples, "best_of" if body.best_of else "n")
+        prompts = _split_prompts(body.prompt)
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidRequest(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
         target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
         try:
-            prompt_ids = await self._completion_prompt_ids(target.chat.tokenizer, body.prompt)
-            return self._prepared("cmpl", target, prompt_ids, body, body.max_tokens, "prompt")
+            tokenizer = target.chat.tokenizer
+            encoded = [await self._encode_prompt(tokenizer, p) for p in prompts]
+            room = min(self._room(len(ids), body.max_tokens, "prompt") for ids, _ in encoded)
+            ranking = samples > body.n  # best_of: rank samples by their cumulative logprob
+            logprobs = body.logprobs if body.logprobs is not None else (0 if ranking else None)
+            options = self._options(
+                body,
+                tokenizer,
+                room,
+                n=samples,
+                logprobs=logprobs,
+                prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+            )
+            response_id = f"cmpl-{uuid.uuid4().hex}"
+            calls = [EngineCall(f"{response_id}-{i}", ids, text) for i, (ids, text) in enumerate(encoded)]
+            return PreparedRequest(
+                response_id, target, calls, options, body.n, body.echo, body.logprobs is not None, None
+            )
         except BaseException:
             target.release()
             raise
 
-    def _render_and_encode(self, chat: ChatFormat, messages: list[dict[str, Any]]) -> list[int]:
-        text = templates.render_chat(chat, messages)
+    def _check_n(self, n: int, param: str) -> None:
+        if n > self._max_n:
+            raise InvalidRequest(
+                f"`{param}` is {n}, above this server's limit of {self._max_n} (--max-n).", param=param
+            )
+
+    def _render_and_encode(
+        self, chat: ChatFormat, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        text = templates.render_chat(chat, messages, tools)
         # The template already wrote any BOS/special tokens it wants.
         return list(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def _completion_prompt_ids(
-        self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[str] | list[int] | list[list[int]]
-    ) -> list[int]:
-        prompts: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
-        if prompts and isinstance(prompts[0], int):
-            prompts = [prompts]
-        if len(prompts) != 1:
-            raise UnsupportedParameter("Only one prompt per request is supported yet.", param="prompt")
-        only = prompts[0]
-        if isinstance(only, str):
-            encoded = await anyio.to_thread.run_sync(lambda: tokenizer(only)["input_ids"])
-            ids = list(encoded)
-        else:
-            ids = list(only)
-            vocab = len(tokenizer)
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise InvalidRequest(f"Token id {bad[0]} is outside the vocabulary (size {vocab}).", param="prompt")
-        if not ids:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        return ids
+    async def _encode_prompt(
+        self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]
+    ) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            ids = list(await anyio.to_thread.run_sync(lambda: tokenizer(prompt)["input_ids"]))
+            if not ids:
+                raise InvalidRequest("The prompt is empty.", param="prompt")
+            return ids, prompt
+        vocab = len(tokenizer)
+        bad = [t for t in prompt if t >= vocab]
+        if bad:
+            raise InvalidRequest(f"Token id {bad[0]} is outside the vocabulary (size {vocab}).", param="prompt")
+        return list(prompt), str(tokenizer.decode(prompt))
 
-    def _prepared(
-        self,
-        prefix: str,
-        target: ModelTarget,
-        prompt_ids: list[int],
-        body: _SamplingFields,
-        requested_max: int | None,
-        prompt_param: str,
-    ) -> PreparedRequest:
+    def _room(self, prompt_len: int, requested_max: int | None, prompt_param: str) -> int:
+        """max_tokens: what the request asked for, or what the context leaves."""
         limit = self._engine.max_model_len
-        room = limit - len(prompt_ids)
+        room = limit - prompt_len
         if room <= 0 or (requested_max is not None and requested_max > room):
             asked = requested_max if requested_max is not None else 1
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the {prompt_param}, "
+                f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, "
                 f"{asked} in the completion). Please reduce the length of the {prompt_param} or completion.",
                 param=prompt_param,
             )
-        options = SamplingOptions(
-            max_tokens=requested_max if requested_max is not None else room,
+        return requested_max if requested_max is not None else room
+
+    def _options(
+        self,
+        body: _SamplingFields,
+        tokenizer: PreTrainedTokenizerBase,
+        max_tokens: int,
+        *,
+        n: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingOptions:
+        if body.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"`min_tokens` ({body.min_tokens}) is above max_tokens ({max_tokens}).", param="min_tokens"
+            )
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            n=n,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None else body.top_k,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             stop=body.stop_list(),
             seed=body.seed,
+            logit_bias=_logit_bias(body.logit_bias, len(tokenizer)),
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured=structured,
         )
-        return PreparedRequest(f"{prefix}-{uuid.uuid4().hex}", target, prompt_ids, options)
 
     # -- running ----------------------------------------------------------
 
     async def complete(self, prepared: PreparedRequest) -> FinishedCompletion:
-        parts: list[str] = []
-        tokens = 0
-        reason: FinishReason | None = None
-        async for delta in self._deltas(prepared):
-            parts.append(delta.text)
-            tokens += len(delta.token_ids)
-            reason = delta.finish_reason or reason
-        if reason is None:
+        per_call = prepared.options.n
+        choices = {(c, i): FinishedChoice(index=i) for c in range(len(prepared.calls)) for i in range(per_call)}
+        completion_tokens = 0
+        async with aclosing(self._deltas(prepared)) as deltas:
+            async for call_index, delta in deltas:
+                choice = choices[(call_index, delta.index)]
+                choice.text += delta.text
+                choice.tokens += len(delta.token_ids)
+                completion_tokens += len(delta.token_ids)
+                choice.logprobs.extend(delta.logprobs or ())
+                choice.finish_reason = delta.finish_reason or choice.finish_reason
+                if delta.prompt_logprobs is not None:
+                    choice.prompt_logprobs = delta.prompt_logprobs
+                if delta.cumulative_logprob is not None:
+                    choice.cumulative_logprob = delta.cumulative_logprob
+        if any(choice.finish_reason is None for choice in choices.values()):
             raise EngineFailure("The engine ended the request without a finish reason.")
-        return FinishedCompletion("".join(parts), reason, len(prepared.prompt_token_ids), tokens)
+        ordered: list[FinishedChoice] = []
+        for c in range(len(prepared.calls)):
+            group = [choices[(c, i)] for i in range(per_call)]
+            if per_call > prepared.n:  # best_of: keep the n most likely samples
+                group.sort(key=lambda ch: ch.cumulative_logprob or float("-inf"), reverse=True)
+                group = group[: prepared.n]
+            for local, choice in enumerate(group):
+                choice.index = prepared.choice_index(c, local)
+                ordered.append(choice)
+        return FinishedCompletion(ordered, prepared.prompt_tokens, completion_tokens)
 
     async def open_stream(self, prepared: PreparedRequest) -> AsyncGenerator[CompletionDelta, None]:
         """Start generating and wait for the first delta, so that errors the engine
-        raises at admission still become a proper HTTP status, not an in-band error."""
-        deltas = self._deltas(prepared)
+        raises at admission still become a proper HTTP status, not an in-band error.
+        Deltas come out with their response-wide choice index."""
+        deltas = self._indexed(prepared)
         try:
             first = await deltas.__anext__()
         except BaseException:
@@ -173,13 +291,22 @@ class Generator:
             raise
         return _prepend(first, deltas)
 
-    async def _deltas(self, prepared: PreparedRequest) -> AsyncGenerator[CompletionDelta, None]:
-        stream = self._engine.generate(
-            prepared.request_id, prepared.prompt_token_ids, prepared.options, prepared.target.lora
-        )
-        try:
-            async for delta in stream:
+    async def _indexed(self, prepared: PreparedRequest) -> AsyncGenerator[CompletionDelta, None]:
+        # aclosing: closing this generator early must close (and so abort) the ones it reads.
+        async with aclosing(self._deltas(prepared)) as deltas:
+            async for call_index, delta in deltas:
+                delta.index = prepared.choice_index(call_index, delta.index)
                 yield delta
+
+    async def _deltas(self, prepared: PreparedRequest) -> AsyncGenerator[tuple[int, CompletionDelta], None]:
+        streams = [
+            self._engine.generate(call.request_id, call.prompt_token_ids, prepared.options, prepared.target.lora)
+            for call in prepared.calls
+        ]
+        try:
+            async with aclosing(_merge(streams)) as merged:
+                async for item in merged:
+                    yield item
         except EngineRejected as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         except EngineDead as exc:
@@ -190,39 +317,109 @@ class Generator:
             logger.exception("generation %s failed", prepared.request_id)
             raise EngineFailure("The engine failed while generating; the request was not completed.") from exc
         finally:
-            await stream.aclose()
             prepared.release()
+
+
+async def _merge(
+    streams: list[AsyncGenerator[CompletionDelta, None]],
+) -> AsyncGenerator[tuple[int, CompletionDelta], None]:
+    """Interleave several engine streams; closing the merge closes (and so aborts) them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for delta in only:
+                yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, CompletionDelta | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[CompletionDelta, None]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((index, delta, None))
+            await queue.put((index, None, None))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put((index, None, exc))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _prepend(
     first: CompletionDelta, rest: AsyncGenerator[CompletionDelta, None]
 ) -> AsyncGenerator[CompletionDelta, None]:
-    try:
+    async with aclosing(rest):
         yield first
         async for delta in rest:
             yield delta
-    finally:
-        await rest.aclose()
 
 
-def _reject_unsupported_completion(body: CompletionRequest) -> None:
-    if body.echo:
-        raise UnsupportedParameter("`echo` is not supported yet.", param="echo")
-    if body.logprobs is not None:
-        raise UnsupportedParameter("`logprobs` is not supported yet.", param="logprobs")
-    if body.best_of not in (None, 1):
-        raise UnsupportedParameter("`best_of` other than 1 is not supported yet.", param="best_of")
-    if body.suffix:
-        raise UnsupportedParameter("`suffix` (insertion) is not supported by this model.", param="suffix")
+_seen_unknown: set[str] = set()
 
 
-def _reject_unsupported(body: _SamplingFields) -> None:
-    if body.n != 1:
-        raise UnsupportedParameter("`n` other than 1 is not supported yet.", param="n")
+def _log_unknown_fields(body: _SamplingFields) -> None:
+    """Unknown fields are ignored, as OpenAI clients send new ones; say so once per field."""
+    for name in body.model_extra or {}:
+        if name not in _seen_unknown and len(_seen_unknown) < 256:
+            _seen_unknown.add(name)
+            logger.info("ignoring unknown request field %r (logged once)", name)
+
+
+def _split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    items: list[Any] = list(prompt)
+    if items and isinstance(items[0], int):
+        return [items]
+    return items
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise InvalidRequest(
+                f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1}).", param="logit_bias"
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"role": message.role, "content": message.text()}
     if message.name is not None:
         data["name"] = message.name
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": _function_for_template(call.function)}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
     return data
+
+
+def _function_for_template(function: Any) -> dict[str, Any]:
+    # Chat templates expect arguments as a mapping; OpenAI sends a JSON string.
+    import json
+
+    try:
+        arguments: Any = json.loads(function.arguments) if function.arguments else {}
+    except json.JSONDecodeError:
+        arguments = function.arguments
+    return {"name": function.name, "arguments": arguments}

@@ -34,7 +34,7 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(chat: ChatFormat, messages: list[dict[str, Any]]) -> str:
+def render_chat(chat: ChatFormat, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
     """Render messages to the prompt text, ending with the assistant's turn."""
     tokenizer = chat.tokenizer
     if chat.chat_template is None and not has_chat_template(tokenizer):
@@ -45,7 +45,7 @@ def render_chat(chat: ChatFormat, messages: list[dict[str, Any]]) -> str:
         )
     try:
         rendered = tokenizer.apply_chat_template(
-            messages, chat_template=chat.chat_template, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, chat_template=chat.chat_template, tokenize=False, add_generation_prompt=True
         )
     except SecurityError as exc:
         raise InvalidRequest("The chat template tried an operation the sandbox forbids.", param="messages") from exc

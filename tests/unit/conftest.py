@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loraserve.app import create_app
 from loraserve.config import Settings
-from loraserve.engine import CompletionDelta, EngineDead, EngineRejected, LoraTarget, SamplingOptions
+from loraserve.engine import CompletionDelta, EngineDead, EngineRejected, LoraTarget, SamplingOptions, TokenLogprob
 
 WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hello", "world", "the", "end", "\n"]
 CHATML = (
@@ -57,27 +57,45 @@ class FakeEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions, lora: LoraTarget | None = None
     ) -> AsyncGenerator[CompletionDelta, None]:
+        """Each of the n choices says the words in turn (choice i starts i words later)."""
         self.calls.append((request_id, prompt_token_ids, options, lora))
         if self.fail_with is not None and self.fail_after is None:
             raise self.fail_with
         self.running.add(request_id)
         completed = False
-        text = ""
+        texts = [""] * options.n
+        done = [False] * options.n
+        first = True
         try:
-            for i in range(options.max_tokens):
-                if self.fail_with is not None and self.fail_after == i:
+            for step in range(options.max_tokens):
+                if self.fail_with is not None and self.fail_after == step:
                     raise self.fail_with
                 await asyncio.sleep(self.delay)
-                piece = self.words[i % len(self.words)]
-                text += piece
-                hit = next((s for s in options.stop if s in text), None)
-                if hit is not None:
+                for choice in range(options.n):
+                    if done[choice]:
+                        continue
+                    piece = self.words[(step + choice) % len(self.words)]
+                    texts[choice] += piece
+                    reason = "length" if step == options.max_tokens - 1 else None
+                    hit = next((s for s in options.stop if s in texts[choice]), None)
+                    if hit is not None:
+                        piece, reason = piece[: max(0, len(piece) - len(hit))], "stop"
+                    done[choice] = reason is not None
+                    logprobs = None
+                    if options.logprobs is not None:
+                        top = tuple((t, f"alt{t}", -1.0 - t) for t in range(options.logprobs))
+                        logprobs = [TokenLogprob(step, piece, -0.5 - choice, top)]
+                    prompt_logprobs = None
+                    if first and options.prompt_logprobs is not None:
+                        prompt_logprobs = [None] + [TokenLogprob(t, f"p{t}", -2.0) for t in prompt_token_ids[1:]]
+                    yield CompletionDelta(
+                        piece, [step], reason, index=choice, logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs, cumulative_logprob=-0.5 * (step + 1) * (choice + 1),
+                    )  # fmt: skip
+                first = False
+                if all(done):
                     completed = True
-                    yield CompletionDelta(piece[: max(0, len(piece) - len(hit))], [i], "stop")
                     return
-                last = i == options.max_tokens - 1
-                completed = last
-                yield CompletionDelta(piece, [i], "length" if last else None)
         finally:
             self.running.discard(request_id)
             (self.finished if completed else self.aborted).append(request_id)

@@ -30,7 +30,7 @@ def test_chat_answers_in_openai_shape_with_true_usage(client: TestClient, engine
     assert body["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "hello worldhello"},
+            "message": {"role": "assistant", "content": "hello worldhello", "refusal": None},
             "finish_reason": "length",
             "logprobs": None,
         }
@@ -182,10 +182,11 @@ def test_unknown_fields_are_accepted_and_ignored(client: TestClient) -> None:
     assert response.status_code == 200
 
 
-def test_n_above_one_is_a_clear_400(client: TestClient) -> None:
-    response = client.post(CHAT, json={"model": "", "messages": USER, "n": 2})
+def test_n_above_the_cap_is_a_clear_400(client: TestClient) -> None:
+    response = client.post(CHAT, json={"model": "", "messages": USER, "n": 9})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "n"
+    assert "--max-n" in response.json()["error"]["message"]
 
 
 def test_engine_rejection_is_400_and_engine_death_is_503(client: TestClient, engine: FakeEngine) -> None:

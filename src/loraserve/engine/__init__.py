@@ -8,6 +8,8 @@ from loraserve.engine.base import (
     FinishReason,
     LoraTarget,
     SamplingOptions,
+    StructuredOutput,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "FinishReason",
     "LoraTarget",
     "SamplingOptions",
+    "StructuredOutput",
+    "TokenLogprob",
 ]

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A decoding constraint: a JSON schema, any JSON object, or a choice of strings."""
+
+    kind: Literal["json", "json_object", "choice"]
+    spec: Any = None
 
 
 @dataclass(frozen=True)
@@ -18,10 +26,33 @@ class SamplingOptions:
     """What loraserve asks of the sampler; already validated and defaulted."""
 
     max_tokens: int
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # alternatives per sampled token; 0 = the sampled token's own only
+    prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability, and the most likely alternatives at that position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,11 +66,16 @@ class LoraTarget:
 
 @dataclass
 class CompletionDelta:
-    """New output since the previous delta of one request."""
+    """New output since the previous delta of one choice (``index``) of a request."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    # Only on a choice's first delta, when asked: None for the first prompt token, as OpenAI does.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float | None = None
 
 
 class EngineRejected(Exception):

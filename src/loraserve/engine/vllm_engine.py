@@ -14,12 +14,14 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.inputs.engine import tokens_input
+from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -30,6 +32,7 @@ from loraserve.engine.base import (
     FinishReason,
     LoraTarget,
     SamplingOptions,
+    TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ def engine_flag_defaults() -> dict[str, Any]:
         "max_loras": 4,
         "max_lora_rank": 16,
         "max_cpu_loras": 8,
+        # Compact JSON for response_format and forced tool calls: with free whitespace inside the
+        # grammar, small models pad with newlines until max_tokens (measured with SmolLM2 here).
+        "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
     }
     if current_platform.is_cpu():
         defaults["gpu_memory_utilization"] = 0.3
@@ -59,6 +65,64 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> set[str]:
     added = {action.dest for action in parser._actions} - before - _OWNED_BY_LORASERVE
     parser.set_defaults(**engine_flag_defaults())
     return added
+
+
+def _sampling_params(options: SamplingOptions) -> SamplingParams:
+    structured = None
+    if options.structured is not None:
+        kind, spec = options.structured.kind, options.structured.spec
+        if kind == "json":
+            structured = StructuredOutputsParams(json=spec)
+        elif kind == "json_object":
+            structured = StructuredOutputsParams(json_object=True)
+        else:
+            structured = StructuredOutputsParams(choice=list(spec))
+    return SamplingParams(
+        n=options.n,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        stop=list(options.stop) or None,
+        seed=options.seed,
+        logit_bias=dict(options.logit_bias) or None,
+        min_tokens=options.min_tokens,
+        ignore_eos=options.ignore_eos,
+        skip_special_tokens=options.skip_special_tokens,
+        logprobs=options.logprobs,
+        prompt_logprobs=options.prompt_logprobs,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _token_logprob(token_id: int, candidates: dict[int, Logprob], top: int) -> TokenLogprob:
+    own = candidates.get(token_id)
+    # vLLM returns the top-k by rank plus the sampled token, whatever its rank.
+    ranked = sorted(
+        ((tid, lp) for tid, lp in candidates.items() if lp.rank is not None), key=lambda item: item[1].rank or 0
+    )[:top]
+    return TokenLogprob(
+        token_id=token_id,
+        token=(own.decoded_token if own and own.decoded_token is not None else ""),
+        logprob=float(own.logprob) if own else float("-inf"),
+        top=tuple((tid, lp.decoded_token or "", float(lp.logprob)) for tid, lp in ranked),
+    )
+
+
+def _logprobs(token_ids: list[int], per_token: Any, top: int) -> list[TokenLogprob]:
+    if not per_token:
+        return []
+    return [_token_logprob(tid, candidates, top) for tid, candidates in zip(token_ids, per_token, strict=False)]
+
+
+def _prompt_logprobs(prompt_ids: list[int], per_token: Any, top: int) -> list[TokenLogprob | None]:
+    pairs = zip(prompt_ids, per_token, strict=False)
+    return [None if candidates is None else _token_logprob(tid, candidates, top) for tid, candidates in pairs]
 
 
 def _lora_request(lora: LoraTarget) -> LoRARequest:
@@ -125,23 +189,38 @@ class VllmEngine:
         options: SamplingOptions,
         lora: LoraTarget | None = None,
     ) -> AsyncGenerator[CompletionDelta, None]:
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            stop=list(options.stop) or None,
-            seed=options.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
         lora_request = _lora_request(lora) if lora else None
+        try:
+            params = _sampling_params(options)
+        except (VLLMValidationError, VLLMClientError, ValueError) as exc:
+            raise EngineRejected(str(exc), getattr(exc, "parameter", None)) from exc
         stream = self._llm.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora_request)
         finished = False
+        sent_prompt_logprobs = False
         try:
             async for output in stream:
-                completion = output.outputs[0]
-                reason = _finish_reason(completion.finish_reason)
-                finished = reason is not None
-                yield CompletionDelta(completion.text, list(completion.token_ids), reason)
+                finished = output.finished
+                prompt_logprobs = None
+                if options.prompt_logprobs is not None and not sent_prompt_logprobs and output.prompt_logprobs:
+                    prompt_logprobs = _prompt_logprobs(
+                        prompt_token_ids, output.prompt_logprobs, options.prompt_logprobs
+                    )
+                    sent_prompt_logprobs = True
+                for completion in output.outputs:
+                    token_ids = list(completion.token_ids)
+                    yield CompletionDelta(
+                        completion.text,
+                        token_ids,
+                        _finish_reason(completion.finish_reason),
+                        index=completion.index,
+                        logprobs=(
+                            _logprobs(token_ids, completion.logprobs, options.logprobs)
+                            if options.logprobs is not None
+                            else None
+                        ),
+                        prompt_logprobs=prompt_logprobs,
+                        cumulative_logprob=completion.cumulative_logprob,
+                    )
         except EngineDeadError as exc:
             raise EngineDead("the inference engine has stopped") from exc
         except (VLLMValidationError, VLLMClientError) as exc:

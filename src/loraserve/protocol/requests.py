@@ -1,13 +1,25 @@
-"""OpenAI request bodies. Unknown fields are accepted and ignored, as OpenAI
-clients send new ones before servers know them."""
+"""OpenAI request bodies. Unknown fields are accepted and ignored (the app logs
+each new one once), as OpenAI clients send new ones before servers know them.
+
+Ranges are OpenAI's; vLLM's extras (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, skip_special_tokens) are accepted as vLLM's server does.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 NonEmptyTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# OpenAI: -2**63 .. 2**63-1; vLLM hands the seed to torch, which wants a signed 64-bit value.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def _invalid(param: str, message: str) -> PydanticCustomError:
+    """A cross-field error that still names its parameter (the error handler reads ctx.param)."""
+    return PydanticCustomError("invalid_combination", message, {"param": param})
 
 
 class _Lenient(BaseModel):
@@ -23,10 +35,23 @@ class TextContentPart(_Lenient):
     text: str
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Lenient):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -36,20 +61,76 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _invalid("response_format.json_schema", "`json_schema` is required when type is 'json_schema'")
+        return self
+
+
 class _SamplingFields(_Lenient):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # vLLM's extras.
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
     # LoRAX's fields: where the adapter named in `model` comes from, and a Hub token for private ones.
     adapter_source: Literal["hub", "local", "s3"] = "hub"
     api_token: str | None = Field(None, repr=False)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -64,6 +145,27 @@ class _SamplingFields(_Lenient):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(names) != len(set(names)):
+            raise _invalid("tools", "each tool needs a unique function name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise _invalid(
+                "tool_choice", f"tool_choice names `{self.tool_choice.function.name}`, which is not in `tools`"
+            )
+        if self.tool_choice == "required" and not names:
+            raise _invalid("tool_choice", "tool_choice 'required' needs `tools`")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -72,6 +174,15 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | NonEmptyTokenIds | list[NonEmptyTokenIds]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+    response_format: Any = None  # refused: JSON mode is chat-only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise _invalid("best_of", "`best_of` must be at least `n`")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise _invalid("best_of", "`best_of` cannot be used with `stream`")
+        return self

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from loraserve.engine import CompletionDelta
+from loraserve.engine import CompletionDelta, TokenLogprob
 from loraserve.errors import LoraserveError, sse_error
-from loraserve.generation import FinishedCompletion, PreparedRequest
+from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
 from loraserve.protocol.responses import (
     AssistantMessage,
@@ -22,10 +23,16 @@ from loraserve.protocol.responses import (
     ChatDelta,
     Completion,
     CompletionChoice,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     Usage,
 )
 from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
+from loraserve.routes.shaping import chat_logprobs, completion_logprobs
 from loraserve.services import Services, get_services
+from loraserve.tools import ParsedToolCall, ToolPlan
 
 Deltas = AsyncGenerator[CompletionDelta, None]
 
@@ -71,6 +78,13 @@ async def _finish_plain(
         prepared.release()
 
 
+def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
+    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+# -- chat ------------------------------------------------------------------
+
+
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
@@ -87,30 +101,89 @@ async def chat_completions(
         id=prepared.request_id,
         created=created,
         model=body.model,
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
+        choices=[_chat_choice(prepared, choice) for choice in done.choices],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
+
+
+def _chat_choice(prepared: PreparedRequest, choice: FinishedChoice) -> ChatChoice:
+    logprobs = chat_logprobs(choice.logprobs) if prepared.want_logprobs else None
+    calls = prepared.tools.parse(choice.text) if prepared.tools else None
+    if calls:
+        message = AssistantMessage(content=None, tool_calls=_tool_calls(calls))
+        return ChatChoice(index=choice.index, message=message, finish_reason="tool_calls", logprobs=logprobs)
+    assert choice.finish_reason is not None
+    return ChatChoice(
+        index=choice.index,
+        message=AssistantMessage(content=choice.text),
+        finish_reason=choice.finish_reason,
+        logprobs=logprobs,
+    )
+
+
+@dataclass
+class _ChoiceStream:
+    """Per-choice state of a chat stream: text held back while it may still be a tool call."""
+
+    held: str = ""
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    holding: bool = True
 
 
 async def _chat_events(
     prepared: PreparedRequest, deltas: Deltas, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    def chunk(delta: ChatDelta, finish: CompletionDelta | None = None) -> bytes:
-        reason = finish.finish_reason if finish else None
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason)
+    def chunk(
+        index: int, delta: ChatDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None
+    ) -> bytes:
+        choice = ChatChunkChoice(
+            index=index,
+            delta=delta,
+            finish_reason=finish,  # type: ignore[arg-type]
+            logprobs=chat_logprobs(logprobs) if prepared.want_logprobs and logprobs is not None else None,
+        )
         return _sse(ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[choice]))
 
+    tools: ToolPlan | None = prepared.tools
+    states: dict[int, _ChoiceStream] = {}
     tokens = 0
     try:
-        yield chunk(ChatDelta(role="assistant", content=""))
         async for delta in deltas:
             tokens += len(delta.token_ids)
-            if delta.text:
-                yield chunk(ChatDelta(content=delta.text))
-            if delta.finish_reason:
-                yield chunk(ChatDelta(), delta)
+            state = states.get(delta.index)
+            if state is None:
+                state = states[delta.index] = _ChoiceStream(holding=tools is not None)
+                yield chunk(delta.index, ChatDelta(role="assistant", content=""))
+            if state.holding and tools is not None:
+                state.held += delta.text
+                state.held_logprobs.extend(delta.logprobs or ())
+                if not tools.may_be_call(state.held):
+                    state.holding = False
+                    yield chunk(delta.index, ChatDelta(content=state.held), logprobs=state.held_logprobs)
+            elif delta.text:
+                yield chunk(delta.index, ChatDelta(content=delta.text), logprobs=delta.logprobs)
+            if delta.finish_reason is None:
+                continue
+            finish: str = delta.finish_reason
+            if state.holding and tools is not None:
+                calls = tools.parse(state.held)
+                if calls:
+                    tool_deltas = [
+                        DeltaToolCall(
+                            index=i,
+                            id=c.id,
+                            type="function",
+                            function=DeltaFunctionCall(name=c.name, arguments=c.arguments),
+                        )
+                        for i, c in enumerate(calls)
+                    ]
+                    yield chunk(delta.index, ChatDelta(tool_calls=tool_deltas), logprobs=state.held_logprobs)
+                    finish = "tool_calls"
+                elif state.held:
+                    yield chunk(delta.index, ChatDelta(content=state.held), logprobs=state.held_logprobs)
+            yield chunk(delta.index, ChatDelta(), finish)
         if include_usage:
-            usage = _usage(len(prepared.prompt_token_ids), tokens)
+            usage = _usage(prepared.prompt_tokens, tokens)
             yield _sse(
                 ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
             )
@@ -120,6 +193,9 @@ async def _chat_events(
         await deltas.aclose()
         prepared.release()
     yield _DONE
+
+
+# -- completions -------------------------------------------------------------
 
 
 @router.post("/completions", response_model=Completion)
@@ -138,23 +214,69 @@ async def completions(
         id=prepared.request_id,
         created=created,
         model=body.model,
-        choices=[CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)],
+        choices=[_completion_choice(prepared, choice) for choice in done.choices],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
+
+
+def _prompt_of(prepared: PreparedRequest, index: int) -> tuple[str, list[int]]:
+    call = prepared.calls[index // prepared.n]
+    return call.prompt_text, call.prompt_token_ids
+
+
+def _first_token_text(prepared: PreparedRequest, prompt_ids: list[int]) -> list[str]:
+    return [str(prepared.target.chat.tokenizer.decode(prompt_ids[:1]))]
+
+
+def _completion_choice(prepared: PreparedRequest, choice: FinishedChoice) -> CompletionChoice:
+    prompt_text, prompt_ids = _prompt_of(prepared, choice.index)
+    text = prompt_text + choice.text if prepared.echo else choice.text
+    logprobs = None
+    if prepared.want_logprobs:
+        entries: list[TokenLogprob | None] = []
+        if prepared.echo:
+            entries.extend(choice.prompt_logprobs or [])
+        entries.extend(choice.logprobs)
+        logprobs = completion_logprobs(entries, _first_token_text(prepared, prompt_ids))
+    return CompletionChoice(index=choice.index, text=text, finish_reason=choice.finish_reason, logprobs=logprobs)
 
 
 async def _completion_events(
     prepared: PreparedRequest, deltas: Deltas, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
+    def chunk(choice: CompletionChoice) -> bytes:
+        return _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[choice]))
+
     tokens = 0
+    offsets: dict[int, int] = {}
     try:
         async for delta in deltas:
             tokens += len(delta.token_ids)
-            if delta.text or delta.finish_reason:
-                choice = CompletionChoice(index=0, text=delta.text, finish_reason=delta.finish_reason)
-                yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[choice]))
+            if delta.index not in offsets:
+                offsets[delta.index] = 0
+                if prepared.echo:
+                    prompt_text, prompt_ids = _prompt_of(prepared, delta.index)
+                    echoed = None
+                    if prepared.want_logprobs:
+                        echoed = completion_logprobs(
+                            delta.prompt_logprobs or [], _first_token_text(prepared, prompt_ids)
+                        )
+                    yield chunk(
+                        CompletionChoice(index=delta.index, text=prompt_text, finish_reason=None, logprobs=echoed)
+                    )
+                    offsets[delta.index] = len(prompt_text)
+            if delta.text or delta.finish_reason or delta.logprobs:
+                logprobs = None
+                if prepared.want_logprobs:
+                    logprobs = completion_logprobs(delta.logprobs or [], None, offsets[delta.index])
+                offsets[delta.index] += len(delta.text)
+                yield chunk(
+                    CompletionChoice(
+                        index=delta.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+                    )
+                )
         if include_usage:
-            usage = _usage(len(prepared.prompt_token_ids), tokens)
+            usage = _usage(prepared.prompt_tokens, tokens)
             yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage))
     except LoraserveError as exc:
         yield sse_error(exc)
