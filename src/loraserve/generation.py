@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -64,6 +64,11 @@ class PreparedRequest:
     echo: bool = False
     want_logprobs: bool = False
     tools: ToolPlan | None = None
+    copies: int = 1  # greedy n > 1: the engine samples once, every choice gets a copy
+
+    @property
+    def samples_per_call(self) -> int:
+        return self.options.n * self.copies
 
     def release(self) -> None:
         self.target.release()
@@ -128,8 +133,11 @@ class Generator:
                 logprobs=top if body.logprobs else None,
                 structured=structured,
             )
+            options, copies = _greedy_copies(options)
             call = EngineCall(f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "")
-            return PreparedRequest(call.request_id, target, [call], options, body.n, False, body.logprobs, tools)
+            return PreparedRequest(
+                call.request_id, target, [call], options, body.n, False, body.logprobs, tools, copies
+            )
         except BaseException:
             target.release()
             raise
@@ -162,10 +170,11 @@ class Generator:
                 logprobs=logprobs,
                 prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
             )
+            options, copies = _greedy_copies(options)
             response_id = f"cmpl-{uuid.uuid4().hex}"
             calls = [EngineCall(f"{response_id}-{i}", ids, text) for i, (ids, text) in enumerate(encoded)]
             return PreparedRequest(
-                response_id, target, calls, options, body.n, body.echo, body.logprobs is not None, None
+                response_id, target, calls, options, body.n, body.echo, body.logprobs is not None, None, copies
             )
         except BaseException:
             target.release()
@@ -251,7 +260,7 @@ class Generator:
     # -- running ----------------------------------------------------------
 
     async def complete(self, prepared: PreparedRequest) -> FinishedCompletion:
-        per_call = prepared.options.n
+        per_call = prepared.samples_per_call
         choices = {(c, i): FinishedChoice(index=i) for c in range(len(prepared.calls)) for i in range(per_call)}
         completion_tokens = 0
         async with aclosing(self._deltas(prepared)) as deltas:
@@ -305,8 +314,9 @@ class Generator:
         ]
         try:
             async with aclosing(_merge(streams)) as merged:
-                async for item in merged:
-                    yield item
+                async for call_index, delta in merged:
+                    for copy in range(prepared.copies):
+                        yield call_index, delta if copy == 0 else replace(delta, index=copy)
         except EngineRejected as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         except EngineDead as exc:
@@ -365,6 +375,14 @@ async def _prepend(
         yield first
         async for delta in rest:
             yield delta
+
+
+def _greedy_copies(options: SamplingOptions) -> tuple[SamplingOptions, int]:
+    """Greedy decoding gives every sample the same answer, and vLLM refuses n > 1 with it:
+    ask the engine once and copy, as OpenAI returns n identical choices."""
+    if options.temperature == 0 and options.n > 1:
+        return replace(options, n=1), options.n
+    return options, 1
 
 
 _seen_unknown: set[str] = set()

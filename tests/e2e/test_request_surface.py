@@ -175,3 +175,26 @@ def test_logit_bias_and_penalties_change_the_output(server: RunningServer) -> No
     assert penalised.usage is not None and penalised.usage.completion_tokens == 8
     capped = client.chat.completions.create(model="", messages=QUESTION, max_completion_tokens=2, temperature=0)
     assert capped.usage is not None and capped.usage.completion_tokens == 2
+
+
+def test_streams_with_several_choices_logprobs_and_usage_parse_in_the_sdk(server: RunningServer) -> None:
+    client = server.client()
+    chat = list(
+        client.chat.completions.create(
+            model="acme/voice", messages=QUESTION, n=2, max_tokens=4, temperature=0, stream=True,
+            logprobs=True, top_logprobs=2, stream_options={"include_usage": True}, user="e2e",
+        )
+    )  # fmt: skip
+    assert {c.choices[0].index for c in chat if c.choices} == {0, 1}
+    assert sum(1 for c in chat if c.choices and c.choices[0].finish_reason) == 2
+    assert chat[-1].usage is not None and chat[-1].usage.completion_tokens == 8
+    first = [c.choices[0] for c in chat if c.choices and c.choices[0].index == 0 and c.choices[0].logprobs]
+    assert sum(len(choice.logprobs.content or []) for choice in first) == 4  # type: ignore[union-attr]
+    completions = list(
+        client.completions.create(
+            model="", prompt=["The capital of France is", "One, two,"], n=2, max_tokens=3, temperature=0,
+            logprobs=1, stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert {c.choices[0].index for c in completions if c.choices} == {0, 1, 2, 3}
+    assert completions[-1].usage is not None and completions[-1].usage.completion_tokens == 12

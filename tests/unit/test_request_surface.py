@@ -229,3 +229,15 @@ def test_auto_tools_stream_plain_answers_as_content(client: TestClient, engine: 
         chunks = _events(response.read().decode())
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Sunny today"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_greedy_n_asks_the_engine_once_and_copies(client: TestClient, engine: FakeEngine) -> None:
+    body = client.post(CHAT, json={"model": "", "messages": USER, "n": 3, "max_tokens": 2, "temperature": 0}).json()
+    assert len(engine.calls) == 1 and engine.calls[0][2].n == 1
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in body["choices"]}) == 1
+    assert body["usage"]["completion_tokens"] == 6
+    stream = {"model": "", "prompt": ["hello", "world"], "n": 2, "max_tokens": 1, "temperature": 0, "stream": True}
+    with client.stream("POST", COMPLETIONS, json=stream) as response:
+        chunks = _events(response.read().decode())
+    assert {c["choices"][0]["index"] for c in chunks} == {0, 1, 2, 3}
