@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,38 +112,33 @@ class HubSource:
         shutil.rmtree(dest / ".cache", ignore_errors=True)
 
 
-class _hub_errors:
+@contextmanager
+def _hub_errors(ref: AdapterRef) -> Iterator[None]:
     """Map huggingface_hub's failures to ours, without leaking whether a private repo exists."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    def __init__(self, ref: AdapterRef) -> None:
-        self.ref = ref
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            return
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        if isinstance(exc, LocalEntryNotFoundError):
-            # huggingface_hub's way of saying "could not reach the Hub and the file is not cached".
-            raise SourceUnavailable(f"The Hub is unreachable for {self.ref.display()}; try again later.") from exc
-        if isinstance(exc, RepositoryNotFoundError | GatedRepoError | RevisionNotFoundError | EntryNotFoundError):
-            raise ModelNotFound(self.ref.display()) from exc
-        if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
-            raise ModelNotFound(self.ref.display()) from exc
-        if isinstance(exc, Exception):
-            # Offline mode, 5xx, timeouts, refused connections (huggingface_hub's HTTP client varies by version).
-            logger.warning("Hub unreachable for %s: %s: %s", self.ref.display(), type(exc).__name__, exc)
-            raise SourceUnavailable(f"The Hub is unreachable for {self.ref.display()}; try again later.") from exc
+    unreachable = f"The Hub is unreachable for {ref.display()}; try again later."
+    try:
+        yield
+    except LocalEntryNotFoundError as exc:  # "could not reach the Hub, and the file is not cached"
+        raise SourceUnavailable(unreachable) from exc
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise ModelNotFound(ref.display()) from exc
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (401, 403):
+            raise ModelNotFound(ref.display()) from exc
+        logger.warning("Hub error for %s: %s", ref.display(), type(exc).__name__)
+        raise SourceUnavailable(unreachable) from exc
+    except Exception as exc:  # offline mode, timeouts, refused connections: the HTTP client varies by version
+        logger.warning("Hub unreachable for %s: %s", ref.display(), type(exc).__name__)
+        raise SourceUnavailable(unreachable) from exc
 
 
 class LocalSource:
@@ -215,22 +211,18 @@ class S3Source:
                 self._s3().download_file(bucket, prefix + file.name, str(dest / file.name))
 
 
-class _s3_errors:
-    def __init__(self, ref: AdapterRef) -> None:
-        self.ref = ref
+@contextmanager
+def _s3_errors(ref: AdapterRef) -> Iterator[None]:
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            return
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchBucket", "NoSuchKey", "AccessDenied", "404", "403", "InvalidBucketName"):
-                raise ModelNotFound(self.ref.name) from exc
-        if isinstance(exc, ClientError | BotoCoreError | OSError):
-            logger.warning("S3 unreachable for %s: %s", self.ref.name, type(exc).__name__)
-            raise SourceUnavailable(f"S3 is unreachable for {self.ref.name}; try again later.") from exc
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "NoSuchKey", "AccessDenied", "404", "403", "InvalidBucketName"):
+            raise ModelNotFound(ref.name) from exc
+        logger.warning("S3 error for %s: %s", ref.name, code)
+        raise SourceUnavailable(f"S3 is unreachable for {ref.name}; try again later.") from exc
+    except (BotoCoreError, OSError) as exc:
+        logger.warning("S3 unreachable for %s: %s", ref.name, type(exc).__name__)
+        raise SourceUnavailable(f"S3 is unreachable for {ref.name}; try again later.") from exc
