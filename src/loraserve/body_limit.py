@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.errors import RequestTooLarge, error_response
@@ -30,7 +31,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large
+                    # An HTTPException passes through FastAPI's body parsing (anything else becomes a 400).
+                    raise HTTPException(413, too_large.message)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -40,6 +42,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except RequestTooLarge:
-            if not response_started:
-                await error_response(too_large)(scope, receive, send)
+        except HTTPException as exc:
+            if exc.status_code != 413 or response_started:
+                raise
+            await error_response(too_large)(scope, receive, send)

@@ -11,7 +11,8 @@
     ├── ModelNotFound                   404 code=model_not_found, param=model
     ├── CacheFull                       507 code=adapter_cache_full
     ├── EngineUnavailable               503 service_unavailable
-    ├── SourceUnavailable               503 code=adapter_source_unavailable
+    │   ├── SourceUnavailable           503 code=adapter_source_unavailable
+    │   └── ServerBusy                  503 code=server_busy
     └── EngineFailure                   500 server_error
 
 Handlers raise these; they never build error responses by hand, and nothing
@@ -116,6 +117,13 @@ class SourceUnavailable(EngineUnavailable):
     code = "adapter_source_unavailable"
 
 
+class ServerBusy(EngineUnavailable):
+    code = "server_busy"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
+
+
 class EngineFailure(LoraserveError):
     status = 500
     type = "server_error"
@@ -169,6 +177,8 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 413:
+        return error_response(RequestTooLarge(str(exc.detail)))
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(

@@ -20,6 +20,7 @@ from loraserve import templates
 from loraserve.engine import (
     CompletionDelta,
     Engine,
+    EngineBusy,
     EngineDead,
     EngineRejected,
     FinishReason,
@@ -32,6 +33,7 @@ from loraserve.errors import (
     EngineFailure,
     EngineUnavailable,
     InvalidRequest,
+    ServerBusy,
     UnsupportedParameter,
 )
 from loraserve.models import ModelCatalog, ModelTarget
@@ -153,6 +155,8 @@ class Generator:
         samples = body.best_of or body.n
         self._check_n(samples, "best_of" if body.best_of else "n")
         prompts = _split_prompts(body.prompt)
+        if not prompts:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
         target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
@@ -281,14 +285,17 @@ class Generator:
         for c in range(len(prepared.calls)):
             group = [choices[(c, i)] for i in range(per_call)]
             if per_call > prepared.n:  # best_of: keep the n most likely samples
-                group.sort(key=lambda ch: ch.cumulative_logprob or float("-inf"), reverse=True)
+                group.sort(
+                    key=lambda ch: float("-inf") if ch.cumulative_logprob is None else ch.cumulative_logprob,
+                    reverse=True,
+                )
                 group = group[: prepared.n]
             for local, choice in enumerate(group):
                 choice.index = prepared.choice_index(c, local)
                 ordered.append(choice)
         return FinishedCompletion(ordered, prepared.prompt_tokens, completion_tokens)
 
-    async def open_stream(self, prepared: PreparedRequest) -> AsyncGenerator[CompletionDelta, None]:
+    async def open_stream(self, prepared: PreparedRequest) -> PrimedStream:
         """Start generating and wait for the first delta, so that errors the engine
         raises at admission still become a proper HTTP status, not an in-band error.
         Deltas come out with their response-wide choice index."""
@@ -298,7 +305,7 @@ class Generator:
         except BaseException:
             await deltas.aclose()
             raise
-        return _prepend(first, deltas)
+        return PrimedStream(first, deltas)
 
     async def _indexed(self, prepared: PreparedRequest) -> AsyncGenerator[CompletionDelta, None]:
         # aclosing: closing this generator early must close (and so abort) the ones it reads.
@@ -321,6 +328,8 @@ class Generator:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is not available; try again later.") from exc
+        except EngineBusy as exc:
+            raise ServerBusy("The server is at its queue limit; try again shortly.") from exc
         except (InvalidRequest, EngineUnavailable, EngineFailure):
             raise
         except Exception as exc:
@@ -368,13 +377,29 @@ async def _merge(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _prepend(
-    first: CompletionDelta, rest: AsyncGenerator[CompletionDelta, None]
-) -> AsyncGenerator[CompletionDelta, None]:
-    async with aclosing(rest):
-        yield first
-        async for delta in rest:
-            yield delta
+class PrimedStream:
+    """An engine stream whose first delta has already arrived.
+
+    ``aclose()`` always closes (and so aborts) the underlying stream, even when
+    iteration never started, unlike an async generator's.
+    """
+
+    def __init__(self, first: CompletionDelta, rest: AsyncGenerator[CompletionDelta, None]) -> None:
+        self._first: CompletionDelta | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> PrimedStream:
+        return self
+
+    async def __anext__(self) -> CompletionDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
 
 
 def _greedy_copies(options: SamplingOptions) -> tuple[SamplingOptions, int]:

@@ -43,11 +43,13 @@ class ToolPlan:
         """Tool calls in the model's output, or None when it answered with content."""
         if self.mode != "auto":
             return _calls_from_json(text, self.names)
-        blocks = _HERMES.findall(text)
+        stripped = text.strip()
+        # Only output that starts as a call is one: streaming decides from the first characters, and
+        # the plain answer must agree with the streamed one.
+        blocks = _HERMES.findall(stripped) if stripped.startswith("<tool_call>") else []
         if blocks:
             calls = [call for block in blocks for call in (_calls_from_json(block, self.names) or [])]
             return calls or None
-        stripped = text.strip()
         return _calls_from_json(stripped, self.names) if stripped.startswith("{") else None
 
     def may_be_call(self, text: str) -> bool:
@@ -90,7 +92,7 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
 def _calls_from_json(text: str, names: frozenset[str]) -> list[ParsedToolCall] | None:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return None
     items = value if isinstance(value, list) else [value]
     calls = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from starlette.requests import ClientDisconnect
+
 from loraserve.base_model import BaseModel
 from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
@@ -54,3 +56,29 @@ async def test_non_streaming_request_is_aborted_when_the_client_leaves(model_dir
         raise AssertionError("expected ClientDisconnected")
     await asyncio.sleep(0)
     assert engine.aborted == [prepared.request_id]
+
+
+async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_dir: Path) -> None:
+    from loraserve.routes.openai import _EventStream
+
+    engine = FakeEngine(delay=0.01)
+    generator = _generator(engine, model_dir)
+    body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
+    prepared = await generator.prepare_chat(body)
+    deltas = await generator.open_stream(prepared)
+    released: list[bool] = []
+    prepared.target.release = lambda: released.append(True)  # type: ignore[method-assign]
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        raise OSError("client went away before the response started")
+
+    response = _EventStream(_chat_events(prepared, deltas, 0, "", False), prepared, deltas)
+    try:
+        await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)  # type: ignore[arg-type]
+    except (OSError, ClientDisconnect):
+        pass
+    assert engine.aborted == [prepared.request_id]
+    assert released

@@ -47,3 +47,26 @@ def test_oversized_body_is_413(client: TestClient) -> None:
     error = _assert_openai_error(client.post(CHAT, json=big), 413)
     assert "4096" in error["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_oversized_chunked_body_is_413_too(client: TestClient) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"model": "", "messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"hello " * 10
+        yield b'"}]}'
+
+    response = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    error = _assert_openai_error(response, 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_explicit_nulls_mean_the_defaults(client: TestClient) -> None:
+    body = {"model": "", "messages": [{"role": "user", "content": "hello"}], "n": None, "stream": None,
+            "presence_penalty": None, "logprobs": None, "max_tokens": 1, "stop": None}  # fmt: skip
+    assert client.post(CHAT, json=body).status_code == 200
+
+
+def test_an_empty_prompt_list_is_400(client: TestClient) -> None:
+    error = _assert_openai_error(client.post("/v1/completions", json={"model": "", "prompt": []}), 400)
+    assert error["param"] == "prompt"

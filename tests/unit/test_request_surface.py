@@ -241,3 +241,14 @@ def test_greedy_n_asks_the_engine_once_and_copies(client: TestClient, engine: Fa
     with client.stream("POST", COMPLETIONS, json=stream) as response:
         chunks = _events(response.read().decode())
     assert {c["choices"][0]["index"] for c in chunks} == {0, 1, 2, 3}
+
+
+def test_auto_tools_treat_text_before_a_call_as_content_streamed_or_not(client: TestClient, engine: FakeEngine) -> None:
+    engine.words = ['Sure <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>']
+    body = {"model": "", "messages": USER, "max_tokens": 1, "tools": [WEATHER]}
+    plain = client.post(CHAT, json=body).json()["choices"][0]
+    with client.stream("POST", CHAT, json={**body, "stream": True}) as response:
+        chunks = _events(response.read().decode())
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert plain["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert plain["message"]["content"] == streamed

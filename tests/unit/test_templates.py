@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ from fastapi.testclient import TestClient
 from loraserve.app import create_app
 from loraserve.config import Settings
 from loraserve.errors import ChatTemplateMissing, InvalidRequest
-from loraserve.templates import ChatFormat, load_tokenizer, render_chat
-from tests.unit.conftest import FakeEngine, make_tokenizer_dir
+from loraserve.templates import RENDER_SECONDS, ChatFormat, load_tokenizer, render_chat
+from tests.unit.conftest import CHATML, FakeEngine, make_tokenizer_dir
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -46,3 +47,35 @@ def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> No
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "strict", chat_template=strict))
     with pytest.raises(InvalidRequest, match="first message must be system"):
         render_chat(ChatFormat(tokenizer), USER)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}{% endfor %}"
+        "{% endfor %}{% endfor %}",
+        "{{ 'a' * 10000000000 }}",
+        "{{ ['a'] * 10000000000 }}",
+        "{{ 2 ** 100000000 }}",
+        "{% for i in range(100000) %}{{ 'x' * 99999 }}{% endfor %}",
+    ],
+)
+def test_hostile_templates_are_400_quickly(tmp_path: Path, hostile: str) -> None:
+    tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "hostile", chat_template=hostile))
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest):
+        render_chat(ChatFormat(tokenizer), USER)
+    assert time.monotonic() - started < RENDER_SECONDS + 2
+
+
+def test_rendering_matches_transformers_for_real_templates(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "chatml", chat_template=CHATML))
+    messages = [{"role": "system", "content": "be brief"}, *USER, {"role": "assistant", "content": "hello"}, *USER]
+    ours = render_chat(ChatFormat(tokenizer), messages)
+    theirs = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    with_tools = "{{ bos_token }}{% for t in tools or [] %}{{ t.function.name | tojson }}{% endfor %}"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert render_chat(ChatFormat(tokenizer, with_tools), USER, tools) == tokenizer.apply_chat_template(
+        USER, tools=tools, chat_template=with_tools, tokenize=False, add_generation_prompt=True
+    )

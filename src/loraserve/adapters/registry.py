@@ -28,8 +28,8 @@ from loraserve.adapters.single_flight import SingleFlight
 from loraserve.adapters.sources import Snapshot, Source
 from loraserve.adapters.store import AdapterStore, CacheEntry
 from loraserve.adapters.validate import BaseShapes, check_adapter
-from loraserve.engine import Engine, EngineRejected, LoraTarget
-from loraserve.errors import InvalidAdapter, SourceUnavailable
+from loraserve.engine import Engine, EngineDead, EngineRejected, LoraTarget
+from loraserve.errors import EngineUnavailable, InvalidAdapter, SourceUnavailable
 from loraserve.templates import ChatFormat, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,10 @@ class AdapterRegistry:
             if fallback is None:
                 raise
             logger.warning("source down: serving %s from the cache", fallback.root)
-            return AdapterLease(self._store, await self._load(fallback))
+            lease = await self._lease(fallback)
+            if lease is None:
+                raise
+            return lease
         source_impl = self._sources[ref.source]
         for _ in range(3):
             entry = await self._store.ensure(
@@ -115,11 +118,18 @@ class AdapterRegistry:
                 check=self._check,
             )
             self._verified.setdefault(entry.key, set()).add(fingerprint)
-            loaded = await self._load(entry)
-            # Between the download and now another request may have evicted it; lease only what is there.
-            if self._store.get(entry.key) is entry:
-                return AdapterLease(self._store, loaded)
+            lease = await self._lease(entry)
+            if lease is not None:
+                return lease
         raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
+
+    async def _lease(self, entry: CacheEntry) -> AdapterLease | None:
+        """Load ``entry`` and lease it, unless it was evicted meanwhile (the caller then retries)."""
+        loaded = await self._load(entry)
+        # Awaiting the load lets other requests run, and one may have evicted this very entry.
+        if self._store.get(entry.key) is entry and loaded.entry is entry:
+            return AdapterLease(self._store, loaded)
+        return None
 
     async def _resolve(self, ref: AdapterRef, token: str | None, fingerprint: str) -> Snapshot:
         key = (ref.source, ref.name, ref.revision, fingerprint)
@@ -149,10 +159,13 @@ class AdapterRegistry:
         loaded = self._loaded.get(entry.key)
         if loaded is not None and loaded.entry is entry:
             return loaded
-        return await self._loads.run(entry.key, lambda: self._load_once(entry))
+        # Keyed by the entry object too: a load of an evicted copy must not be joined by its successor.
+        return await self._loads.run((entry.key, id(entry)), lambda: self._load_once(entry))
 
     async def _load_once(self, entry: CacheEntry) -> LoadedAdapter:
-        target = LoraTarget(name=f"{entry.ref.name}@{entry.version}", int_id=next(self._ids), path=str(entry.path))
+        int_id = next(self._ids)
+        # vLLM compares LoRARequests by name: a re-downloaded snapshot gets a name of its own.
+        target = LoraTarget(name=f"{entry.ref.name}@{entry.version}#{int_id}", int_id=int_id, path=str(entry.path))
         chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
         started = time.monotonic()
         try:
@@ -160,9 +173,13 @@ class AdapterRegistry:
         except EngineRejected as exc:
             # A snapshot the engine refuses would fail every time: drop it from the cache.
             await self._store.evict(entry)
-            raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {exc}") from exc
+            reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
+            raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {reason}") from exc
+        except EngineDead as exc:
+            raise EngineUnavailable("The inference engine is not available; try again later.") from exc
         loaded = LoadedAdapter(entry, target, chat, time.monotonic() - started)
-        self._loaded[entry.key] = loaded
+        if self._store.get(entry.key) is entry:
+            self._loaded[entry.key] = loaded
         logger.info("loaded adapter %s as LoRA id %d", target.name, target.int_id)
         return loaded
 

@@ -98,7 +98,8 @@ class HubSource:
         if not info.sha:
             raise SourceUnavailable(f"The Hub did not say which commit {ref.display()} is at; try again later.")
         siblings = [(s.rfilename, int(s.size or 0)) for s in info.siblings or ()]
-        return Snapshot(ref, info.sha, _select(ref, siblings), public=not info.private)
+        # A gated repo's metadata is readable by anyone, its files are not: only open repos are public.
+        return Snapshot(ref, info.sha, _select(ref, siblings), public=not info.private and not info.gated)
 
     def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
         from huggingface_hub import hf_hub_download

@@ -3,6 +3,7 @@
 from loraserve.engine.base import (
     CompletionDelta,
     Engine,
+    EngineBusy,
     EngineDead,
     EngineRejected,
     FinishReason,
@@ -15,6 +16,7 @@ from loraserve.engine.base import (
 __all__ = [
     "CompletionDelta",
     "Engine",
+    "EngineBusy",
     "EngineDead",
     "EngineRejected",
     "FinishReason",

@@ -86,6 +86,10 @@ class EngineRejected(Exception):
         self.param = param
 
 
+class EngineBusy(Exception):
+    """The engine's admission control turned the request away for now (maps to 503 + Retry-After)."""
+
+
 class EngineDead(Exception):
     """The engine cannot serve any request (maps to 503)."""
 

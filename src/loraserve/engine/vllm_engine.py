@@ -16,7 +16,7 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import VLLMClientError, VLLMValidationError
+from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
 from vllm.inputs.engine import tokens_input
 from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
@@ -27,6 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from loraserve.engine.base import (
     CompletionDelta,
+    EngineBusy,
     EngineDead,
     EngineRejected,
     FinishReason,
@@ -196,17 +197,20 @@ class VllmEngine:
             raise EngineRejected(str(exc), getattr(exc, "parameter", None)) from exc
         stream = self._llm.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora_request)
         finished = False
-        sent_prompt_logprobs = False
+        # vLLM sends each of the n samples on its own; every choice's first delta gets the prompt's logprobs.
+        prompt_logprobs: list[TokenLogprob | None] | None = None
+        owed_prompt_logprobs = set(range(options.n)) if options.prompt_logprobs is not None else set()
         try:
             async for output in stream:
                 finished = output.finished
-                prompt_logprobs = None
-                if options.prompt_logprobs is not None and not sent_prompt_logprobs and output.prompt_logprobs:
+                if owed_prompt_logprobs and prompt_logprobs is None and output.prompt_logprobs:
                     prompt_logprobs = _prompt_logprobs(
-                        prompt_token_ids, output.prompt_logprobs, options.prompt_logprobs
+                        prompt_token_ids, output.prompt_logprobs, options.prompt_logprobs or 0
                     )
-                    sent_prompt_logprobs = True
                 for completion in output.outputs:
+                    first_of_choice = prompt_logprobs is not None and completion.index in owed_prompt_logprobs
+                    if first_of_choice:
+                        owed_prompt_logprobs.discard(completion.index)
                     token_ids = list(completion.token_ids)
                     yield CompletionDelta(
                         completion.text,
@@ -218,13 +222,15 @@ class VllmEngine:
                             if options.logprobs is not None
                             else None
                         ),
-                        prompt_logprobs=prompt_logprobs,
+                        prompt_logprobs=prompt_logprobs if first_of_choice else None,
                         cumulative_logprob=completion.cumulative_logprob,
                     )
         except EngineDeadError as exc:
             raise EngineDead("the inference engine has stopped") from exc
         except (VLLMValidationError, VLLMClientError) as exc:
             raise EngineRejected(str(exc), getattr(exc, "parameter", None)) from exc
+        except GracefulHTTPError as exc:  # admission control: --max-num-queued-reqs / -tokens
+            raise EngineBusy(str(exc)) from exc
         finally:
             # AsyncLLM aborts on cancellation; an early aclose() must abort too.
             if not finished:

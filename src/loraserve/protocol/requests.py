@@ -25,6 +25,14 @@ def _invalid(param: str, message: str) -> PydanticCustomError:
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        # OpenAI treats `"n": null` like no `n`; LangChain and LiteLLM send such nulls.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
 
 class StreamOptions(_Lenient):
     include_usage: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
-from loraserve.engine import CompletionDelta, TokenLogprob
-from loraserve.errors import LoraserveError, sse_error
-from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest
+from loraserve.engine import TokenLogprob
+from loraserve.errors import EngineFailure, LoraserveError, sse_error
+from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest, PrimedStream
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
 from loraserve.protocol.responses import (
     AssistantMessage,
@@ -34,7 +36,9 @@ from loraserve.routes.shaping import chat_logprobs, completion_logprobs
 from loraserve.services import Services, get_services
 from loraserve.tools import ParsedToolCall, ToolPlan
 
-Deltas = AsyncGenerator[CompletionDelta, None]
+logger = logging.getLogger(__name__)
+
+Deltas = PrimedStream
 
 router = APIRouter(prefix="/v1")
 
@@ -51,12 +55,23 @@ def _sse(payload: BaseModel) -> bytes:
     return b"data: " + payload.model_dump_json().encode() + b"\n\n"
 
 
-def _event_stream(body: AsyncGenerator[bytes, None]) -> StreamingResponse:
-    return StreamingResponse(
-        body,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class _EventStream(StreamingResponse):
+    """SSE whose engine request is closed, and adapter released, however the response ends:
+    also when the client leaves before the body's first byte (then the body never runs)."""
+
+    def __init__(self, body: AsyncGenerator[bytes, None], prepared: PreparedRequest, deltas: PrimedStream) -> None:
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._prepared = prepared
+        self._deltas = deltas
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._deltas.aclose()
+            self._prepared.release()
 
 
 def hub_token(api_token: str | None, request: Request) -> str | None:
@@ -93,7 +108,7 @@ async def chat_completions(
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
-        return _event_stream(_chat_events(prepared, deltas, created, body.model, body.include_usage()))
+        return _EventStream(_chat_events(prepared, deltas, created, body.model, body.include_usage()), prepared, deltas)
     done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
         return done
@@ -189,6 +204,9 @@ async def _chat_events(
             )
     except LoraserveError as exc:
         yield sse_error(exc)
+    except Exception:  # our own bug mid-stream: still end the stream the way clients expect
+        logger.exception("stream %s failed", prepared.request_id)
+        yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
     finally:
         await deltas.aclose()
         prepared.release()
@@ -206,7 +224,8 @@ async def completions(
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
-        return _event_stream(_completion_events(prepared, deltas, created, body.model, body.include_usage()))
+        events = _completion_events(prepared, deltas, created, body.model, body.include_usage())
+        return _EventStream(events, prepared, deltas)
     done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
         return done
@@ -280,6 +299,9 @@ async def _completion_events(
             yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage))
     except LoraserveError as exc:
         yield sse_error(exc)
+    except Exception:  # our own bug mid-stream: still end the stream the way clients expect
+        logger.exception("stream %s failed", prepared.request_id)
+        yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
     finally:
         await deltas.aclose()
         prepared.release()
