@@ -18,7 +18,7 @@ from loraserve.base_model import BaseModel, resolve_base_model
 from loraserve.body_limit import BodyLimitMiddleware
 from loraserve.config import Settings
 from loraserve.engine import Engine
-from loraserve.errors import install_error_handlers
+from loraserve.errors import LoraserveError, install_error_handlers
 from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
 from loraserve.routes import openai, system
@@ -70,6 +70,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         running = engine if engine is not None else _start_vllm(str(base.path), base.served_name, settings)
         base_chat = ChatFormat(tokenizer)
         adapters = _adapter_registry(settings, running, base, base_chat)
+        for spec in settings.preload_adapter:
+            try:
+                await adapters.preload(spec)
+            except LoraserveError as exc:  # the server still starts; the adapter loads on first use
+                logger.error("could not preload adapter %s: %s", spec, exc.message)
         catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
         app.state.services = Services(settings, running, catalog, Generator(running, catalog, settings.max_n))
         logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         description="A folder whose subfolders are adapters for adapter_source=local (repeatable). "
         "Nothing outside these folders is ever read.",
     )
+    preload_adapter: list[str] = Field(
+        default_factory=list,
+        description="An adapter to fetch, load and pin at start (repeatable): a Hub id (org/name[@rev]), "
+        "local:NAME for a folder under --adapter-dir, or s3://bucket/prefix. Pinned adapters are never evicted.",
+    )
     adapter_cache_dir: Path | None = Field(
         None, description="Folder of the adapter disk cache (default: <cache-dir>/adapters)."
     )

@@ -102,3 +102,17 @@ def test_adapters_route_reports_cache_and_cold_load_timings(adapter_client: Test
     assert row["id"] == "plain" and row["source"] == "local" and row["in_flight"] == 0
     assert row["lora_id"] >= 1
     assert row["download_seconds"] >= 0 and row["load_seconds"] >= 0 and row["resolve_seconds"] >= 0
+
+
+def test_preloaded_adapters_are_loaded_at_start_and_pinned(
+    model_dir: Path, adapter_root: Path, tmp_path: Path, engine: FakeEngine
+) -> None:
+    write_base(model_dir)
+    settings = Settings(
+        model=str(model_dir), cache_dir=tmp_path / "cache", adapter_dir=[adapter_root],
+        preload_adapter=["local:plain", "local:missing"],
+    )  # fmt: skip
+    with TestClient(create_app(settings, engine=engine)) as client:
+        assert len(engine.loras) == 1  # loaded before any request; the missing one only logged
+        rows = client.get("/v1/adapters").json()["data"]
+        assert [(row["id"], row["pinned"]) for row in rows] == [("plain", True)]

@@ -123,6 +123,21 @@ class AdapterRegistry:
                 return lease
         raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
 
+    async def preload(self, spec: str) -> CacheEntry:
+        """Fetch, load and pin one adapter named as on the command line (see --preload-adapter)."""
+        source: SourceKind = "hub"
+        name = spec
+        if spec.startswith("local:"):
+            source, name = "local", spec.removeprefix("local:")
+        elif spec.startswith("s3://"):
+            source = "s3"
+        lease = await self.acquire(name, source, None)
+        entry = lease.loaded.entry
+        entry.pinned = True
+        lease.release()
+        logger.info("preloaded and pinned adapter %s", entry.root)
+        return entry
+
     async def _lease(self, entry: CacheEntry) -> AdapterLease | None:
         """Load ``entry`` and lease it, unless it was evicted meanwhile (the caller then retries)."""
         loaded = await self._load(entry)
@@ -233,6 +248,7 @@ class AdapterRegistry:
                     "root": entry.root,
                     "size_bytes": entry.size,
                     "in_flight": entry.leases,
+                    "pinned": entry.pinned,
                     "last_used": int(entry.last_used),
                     "lora_id": loaded.target.int_id if loaded else None,
                     "own_chat_template": bool(loaded and loaded.chat),

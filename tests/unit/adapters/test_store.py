@@ -126,3 +126,13 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_download(tmp_path: 
     gate.set()
     entry = await staying
     assert store.get(entry.key) is entry
+
+
+async def test_a_pinned_entry_is_never_evicted(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 1000)
+    store.open()
+    pinned = await store.ensure(_snapshot("a", 600), _writer(600), lambda _: None)
+    pinned.pinned = True
+    with pytest.raises(CacheFull):
+        await store.ensure(_snapshot("b", 600), _writer(600), lambda _: None)
+    assert store.get(pinned.key) is pinned and pinned.path.exists()
