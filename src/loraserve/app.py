@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from loraserve import __version__
@@ -23,7 +24,7 @@ from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
 from loraserve.routes import openai, system
 from loraserve.services import Services
-from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer
+from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer, start_sandbox, stop_sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +69,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if not has_chat_template(tokenizer):
             logger.warning("%s has no chat template: /v1/chat/completions will answer 400.", base.served_name)
         running = engine if engine is not None else _start_vllm(str(base.path), base.served_name, settings)
-        base_chat = ChatFormat(tokenizer)
-        adapters = _adapter_registry(settings, running, base, base_chat)
-        for spec in settings.preload_adapter:
-            try:
-                await adapters.preload(spec)
-            except LoraserveError as exc:  # the server still starts; the adapter loads on first use
-                logger.error("could not preload adapter %s: %s", spec, exc.message)
-        catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
-        app.state.services = Services(settings, running, catalog, Generator(running, catalog, settings.max_n))
-        logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
         try:
+            await anyio.to_thread.run_sync(start_sandbox)
+            base_chat = ChatFormat(tokenizer)
+            adapters = _adapter_registry(settings, running, base, base_chat)
+            for spec in settings.preload_adapter:
+                try:
+                    await adapters.preload(spec)
+                except LoraserveError as exc:  # the server still starts; the adapter loads on first use
+                    logger.error("could not preload adapter %s: %s", spec, exc.message)
+                except Exception:
+                    logger.exception("could not preload adapter %s", spec)
+            catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
+            app.state.services = Services(settings, running, catalog, Generator(running, catalog, settings.max_n))
+            logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
             yield
         finally:
+            stop_sandbox()
             if engine is None:
                 await running.shutdown()
 

@@ -39,7 +39,6 @@ from loraserve.errors import (
 from loraserve.models import ModelCatalog, ModelTarget
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from loraserve.structured import response_format_constraint
-from loraserve.templates import ChatFormat
 from loraserve.tools import ToolPlan, plan_tools
 
 logger = logging.getLogger(__name__)
@@ -125,7 +124,10 @@ class Generator:
         try:
             messages = [_message_dict(m) for m in body.messages]
             tool_specs = tools.template_tools if tools else None
-            prompt_ids = await anyio.to_thread.run_sync(self._render_and_encode, target.chat, messages, tool_specs)
+            text = await templates.render_chat(target.chat, messages, tool_specs)
+            # The template already wrote any BOS/special tokens it wants.
+            encoded = await anyio.to_thread.run_sync(lambda: target.chat.tokenizer(text, add_special_tokens=False))
+            prompt_ids = list(encoded["input_ids"])
             top = body.top_logprobs or 0
             options = self._options(
                 body,
@@ -189,13 +191,6 @@ class Generator:
             raise InvalidRequest(
                 f"`{param}` is {n}, above this server's limit of {self._max_n} (--max-n).", param=param
             )
-
-    def _render_and_encode(
-        self, chat: ChatFormat, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-    ) -> list[int]:
-        text = templates.render_chat(chat, messages, tools)
-        # The template already wrote any BOS/special tokens it wants.
-        return list(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def _encode_prompt(
         self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]

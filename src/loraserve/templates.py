@@ -1,37 +1,33 @@
-"""Chat prompt rendering with the model's own template, in a guarded sandbox.
+"""Chat prompts from the model's own template, rendered in killable sandbox processes.
 
-Adapter templates come from whoever published the adapter, so rendering must
-survive hostile ones. Like transformers, we render in Jinja's
-``ImmutableSandboxedEnvironment`` (no Python internals, no mutation); on top of
-that, multiplication and power cannot build huge values, rendering stops after
-a time limit, and the output has a size limit. Each failure is a 400, and the
-server stays healthy.
+The rendering itself lives in :mod:`loraserve.template_sandbox`; this module
+picks the template (the adapter's, else the base's), runs it in a small pool of
+worker processes with a time limit, and turns every failure into a 400. A
+worker that runs past the limit is killed and the pool replaced; the server
+stays healthy.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
+import asyncio
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from jinja2 import Template
-from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from loraserve import template_sandbox
 from loraserve.errors import ChatTemplateMissing, InvalidRequest
 
+logger = logging.getLogger(__name__)
+
 RENDER_SECONDS = 2.0
-MAX_RENDERED_CHARS = 4_000_000
-_MAX_VALUE_LENGTH = 1_000_000  # longest string or list one `*` may build
-_MAX_EXPONENT = 256
+_WORKERS = 2
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -48,42 +44,49 @@ class ChatFormat:
     chat_template: str | None = None
 
 
-class _TemplateTimeout(Exception):
-    pass
+class _Sandbox:
+    """The worker pool; replaced whole when a worker must be killed."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    _WORKERS,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=template_sandbox.init_worker,
+                )
+            return self._pool
+
+    def replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+        # The only way to stop a render that runs away: kill its process.
+        for process in list(getattr(broken, "_processes", {}).values()):
+            process.kill()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _GuardedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, plus limits on the operators that build big values in one step."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
-            raise SecurityError("exponent too large")
-        if operator == "*":
-            for sized, count in ((left, right), (right, left)):
-                if isinstance(sized, str | list | tuple) and isinstance(count, int):
-                    if len(sized) * count > _MAX_VALUE_LENGTH:
-                        raise SecurityError("repetition too large")
-        return super().call_binop(context, operator, left, right)
+_sandbox = _Sandbox()
 
 
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
+def start_sandbox() -> None:
+    """Start the workers now, so the first chat request does not pay for it."""
+    _sandbox.pool().submit(int).result(timeout=60)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
-    # As transformers does: Jinja's own tojson escapes HTML, which prompts must not contain.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=64)
-def _compile(source: str) -> Template:
-    environment = _GuardedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return environment.from_string(source)
+def stop_sandbox() -> None:
+    _sandbox.close()
 
 
 def _template_source(chat: ChatFormat, tools: list[dict[str, Any]] | None) -> str | None:
@@ -97,7 +100,9 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return _template_source(ChatFormat(tokenizer), None) is not None
 
 
-def render_chat(chat: ChatFormat, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+async def render_chat(
+    chat: ChatFormat, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
     """Render messages to the prompt text, ending with the assistant's turn."""
     source = _template_source(chat, tools)
     if source is None:
@@ -107,46 +112,31 @@ def render_chat(chat: ChatFormat, messages: list[dict[str, Any]], tools: list[di
             param="messages",
         )
     special_tokens = {k: v for k, v in chat.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    try:
-        template = _compile(source)
-        with _deadline(RENDER_SECONDS):
-            rendered = template.render(messages=messages, tools=tools, add_generation_prompt=True, **special_tokens)
-    except _TemplateTimeout as exc:
-        raise InvalidRequest(
-            f"The chat template took longer than {RENDER_SECONDS:.0f} s to render.", param="messages"
-        ) from exc
-    except (SecurityError, MemoryError, RecursionError, OverflowError) as exc:
-        raise InvalidRequest("The chat template tried an operation the sandbox forbids.", param="messages") from exc
-    except TemplateError as exc:
-        # raise_exception() in templates (e.g. "roles must alternate") lands here.
-        raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
-    except Exception as exc:  # a template bug (a missing key, a type error) is the template's fault
-        raise InvalidRequest(f"The chat template failed: {type(exc).__name__}: {exc}", param="messages") from exc
-    if len(rendered) > MAX_RENDERED_CHARS:
-        raise InvalidRequest("The chat template produced an oversized prompt.", param="messages")
-    return rendered
+    context = {"messages": messages, "tools": tools, "add_generation_prompt": True, **special_tokens}
+    kind, text = await _run(source, context)
+    if kind == "ok":
+        return text
+    if kind == "template":
+        raise InvalidRequest(f"The chat template rejected the messages: {text}", param="messages")
+    if kind == "forbidden":
+        raise InvalidRequest(f"The chat template tried an operation the sandbox forbids ({text}).", param="messages")
+    raise InvalidRequest(f"The chat template failed: {text}", param="messages")
 
 
-class _deadline:
-    """Stop Python code running in this thread once ``seconds`` have passed.
-
-    Jinja compiles templates to Python, so a line tracer sees every loop step
-    and can end a template that would otherwise loop for hours.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._previous: Any = None
-
-    def _trace(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if time.monotonic() > self._until:
-            raise _TemplateTimeout
-        return self._trace
-
-    def __enter__(self) -> None:
-        self._until = time.monotonic() + self._seconds
-        self._previous = sys.gettrace()
-        sys.settrace(self._trace)
-
-    def __exit__(self, *exc: object) -> None:
-        sys.settrace(self._previous)
+async def _run(source: str, context: dict[str, Any]) -> template_sandbox.Outcome:
+    for attempt in range(2):
+        pool = _sandbox.pool()
+        try:
+            future = asyncio.wrap_future(pool.submit(template_sandbox.render, source, context))
+            return await asyncio.wait_for(future, RENDER_SECONDS)
+        except TimeoutError as exc:
+            _sandbox.replace(pool)
+            raise InvalidRequest(
+                f"The chat template took longer than {RENDER_SECONDS:.0f} s to render.", param="messages"
+            ) from exc
+        except BrokenProcessPool as exc:
+            # Another request's runaway template took this pool down, or this one crashed its worker.
+            _sandbox.replace(pool)
+            if attempt == 1:
+                raise InvalidRequest("The chat template crashed its sandbox.", param="messages") from exc
+    raise AssertionError("unreachable")

@@ -29,24 +29,24 @@ def test_model_without_template_answers_chat_with_400_and_completions_work(tmp_p
     assert len(engine.calls) == 1
 
 
-def test_render_raises_template_missing(tmp_path: Path) -> None:
+async def test_render_raises_template_missing(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "plain", chat_template=None))
     with pytest.raises(ChatTemplateMissing):
-        render_chat(ChatFormat(tokenizer), USER)
+        await render_chat(ChatFormat(tokenizer), USER)
 
 
-def test_template_cannot_escape_the_sandbox(tmp_path: Path) -> None:
+async def test_template_cannot_escape_the_sandbox(tmp_path: Path) -> None:
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "evil", chat_template=evil))
     with pytest.raises(InvalidRequest):
-        render_chat(ChatFormat(tokenizer), USER)
+        await render_chat(ChatFormat(tokenizer), USER)
 
 
-def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> None:
+async def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> None:
     strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "strict", chat_template=strict))
     with pytest.raises(InvalidRequest, match="first message must be system"):
-        render_chat(ChatFormat(tokenizer), USER)
+        await render_chat(ChatFormat(tokenizer), USER)
 
 
 @pytest.mark.parametrize(
@@ -58,24 +58,34 @@ def test_template_raise_exception_is_a_400_with_its_reason(tmp_path: Path) -> No
         "{{ ['a'] * 10000000000 }}",
         "{{ 2 ** 100000000 }}",
         "{% for i in range(100000) %}{{ 'x' * 99999 }}{% endfor %}",
+        # Jinja helpers catch Exception: a time limit raised as one would be swallowed.
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% if a is sequence %}{% endif %}"
+        "{% endfor %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "{{ 'x'.ljust(1500000000) }}",
     ],
 )
-def test_hostile_templates_are_400_quickly(tmp_path: Path, hostile: str) -> None:
+async def test_hostile_templates_are_400_quickly_and_the_sandbox_recovers(tmp_path: Path, hostile: str) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "hostile", chat_template=hostile))
     started = time.monotonic()
     with pytest.raises(InvalidRequest):
-        render_chat(ChatFormat(tokenizer), USER)
-    assert time.monotonic() - started < RENDER_SECONDS + 2
+        await render_chat(ChatFormat(tokenizer), USER)
+    assert time.monotonic() - started < RENDER_SECONDS + 3
+    fine = load_tokenizer(make_tokenizer_dir(tmp_path / "fine", chat_template=CHATML))
+    assert "hello" in await render_chat(ChatFormat(fine), USER)
 
 
-def test_rendering_matches_transformers_for_real_templates(tmp_path: Path) -> None:
+async def test_rendering_matches_transformers_for_real_templates(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path / "chatml", chat_template=CHATML))
     messages = [{"role": "system", "content": "be brief"}, *USER, {"role": "assistant", "content": "hello"}, *USER]
-    ours = render_chat(ChatFormat(tokenizer), messages)
+    ours = await render_chat(ChatFormat(tokenizer), messages)
     theirs = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours == theirs
-    with_tools = "{{ bos_token }}{% for t in tools or [] %}{{ t.function.name | tojson }}{% endfor %}"
+    with_tools = (
+        "{{ bos_token }}{% for t in tools or [] %}{{ t.function | tojson(separators=(',', ':')) }}{% endfor %}"
+        "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert render_chat(ChatFormat(tokenizer, with_tools), USER, tools) == tokenizer.apply_chat_template(
+    assert await render_chat(ChatFormat(tokenizer, with_tools), USER, tools) == tokenizer.apply_chat_template(
         USER, tools=tools, chat_template=with_tools, tokenize=False, add_generation_prompt=True
     )

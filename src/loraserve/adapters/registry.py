@@ -206,7 +206,7 @@ class AdapterRegistry:
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, OSError, json.JSONDecodeError) as exc:
                 raise InvalidAdapter("the adapter's tokenizer_config.json is not valid JSON") from exc
         has_template = template_file.is_file() or bool(config.get("chat_template"))
         if not has_template:
@@ -217,7 +217,10 @@ class AdapterRegistry:
             except Exception as exc:  # tokenizer loading raises many types
                 raise InvalidAdapter("the adapter's tokenizer files cannot be loaded") from exc
         # A template without tokenizer files: the base tokenizer with the adapter's template.
-        template = template_file.read_text() if template_file.is_file() else str(config["chat_template"])
+        try:
+            template = template_file.read_text() if template_file.is_file() else str(config["chat_template"])
+        except (UnicodeDecodeError, OSError) as exc:
+            raise InvalidAdapter("the adapter's chat_template.jinja is not readable UTF-8 text") from exc
         return ChatFormat(self._base_tokenizer, template)
 
     async def forget(self, entry: CacheEntry) -> None:

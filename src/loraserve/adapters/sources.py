@@ -94,7 +94,11 @@ class HubSource:
         from huggingface_hub import HfApi
 
         with _hub_errors(ref):
-            info = HfApi().model_info(ref.name, revision=ref.revision, files_metadata=True, token=token)
+            api = HfApi()
+            info = api.model_info(ref.name, revision=ref.revision, files_metadata=True, token=token)
+            if info.gated:
+                # Anyone may read a gated repo's metadata; only granted tokens may read its files.
+                api.auth_check(ref.name, token=token)
         if not info.sha:
             raise SourceUnavailable(f"The Hub did not say which commit {ref.display()} is at; try again later.")
         siblings = [(s.rfilename, int(s.size or 0)) for s in info.siblings or ()]
