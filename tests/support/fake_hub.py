@@ -92,6 +92,7 @@ class Repo:
     private: bool
     token: str | None
     created: datetime
+    gated: bool = False  # metadata for anyone, files only with the repo's token
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -213,7 +214,14 @@ class FakeHub:
     # --- content ---------------------------------------------------------------------------------------------------
 
     def add_repo(
-        self, repo_id: str, folder: Path, *, private: bool = False, token: str | None = None, branch: str = "main"
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        branch: str = "main",
+        gated: bool = False,
     ) -> str:
         """Commit every file under ``folder`` to ``branch`` (creating the repo) and return the new commit sha.
 
@@ -230,7 +238,7 @@ class FakeHub:
         with self._lock:
             repo = self._repos.get(repo_id)
             if repo is None:
-                repo = self._repos[repo_id] = Repo(repo_id, private, token, now)
+                repo = self._repos[repo_id] = Repo(repo_id, private, token, now, gated)
             self._sequence += 1
             # Parent + sequence number in the hash: re-adding identical files still makes a new commit, like git.
             tree = "".join(f"{name}\0{blob.git_oid}\n" for name, blob in sorted(files.items()))
@@ -263,6 +271,8 @@ class FakeHub:
                 return self._model_info(request, repo_id, "main")
             if request.method == "GET" and len(rest) >= 2 and rest[0] == "revision":
                 return self._model_info(request, repo_id, "/".join(rest[1:]))
+            if request.method == "GET" and rest == ["auth-check"]:
+                return self._auth_check(request, repo_id)
             if request.method == "GET" and len(rest) >= 2 and rest[0] == "tree":
                 return self._tree(request, repo_id, rest[1], "/".join(rest[2:]))
         elif len(parts) >= 4 and parts[2] == "resolve":
@@ -279,6 +289,20 @@ class FakeHub:
             return _error(401, "RepoNotFound", "Invalid username or password.")
         return _error(404, "RepoNotFound", "Repository not found")
 
+    def _gate(self, request: Request, repo: Repo) -> Response | None:
+        """A gated repo's files (and its auth-check) need the repo's token: 403 GatedRepo otherwise."""
+        if repo.gated and request.headers.get("authorization") != f"Bearer {repo.token}":
+            return _error(403, "GatedRepo", f"Access to model {repo.repo_id} is restricted.")
+        return None
+
+    def _auth_check(self, request: Request, repo_id: str) -> Response:
+        with self._lock:
+            repo = self._repo(request, repo_id)
+            if isinstance(repo, Response):
+                return repo
+            refused = self._gate(request, repo)
+        return refused or Response(status_code=200)
+
     def _model_info(self, request: Request, repo_id: str, revision: str) -> Response:
         self.api_calls[repo_id] += 1
         with self._lock:
@@ -290,6 +314,7 @@ class FakeHub:
                 return _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             created = repo.created
             private = repo.private
+            gated = repo.gated
         blobs = _truthy(request.query_params.get("blobs"))
         siblings: list[dict[str, Any]] = []
         for name, blob in sorted(commit.files.items()):
@@ -310,7 +335,7 @@ class FakeHub:
             "lastModified": _iso(commit.date),
             "createdAt": _iso(created),
             "private": private,
-            "gated": False,
+            "gated": "auto" if gated else False,
             "disabled": False,
             "downloads": 0,
             "likes": 0,
@@ -356,6 +381,9 @@ class FakeHub:
             repo = self._repo(request, repo_id)
             if isinstance(repo, Response):
                 return repo
+            refused = self._gate(request, repo)
+            if refused is not None:
+                return refused
             # huggingface_hub encodes the revision as one segment; also accept an unencoded "refs/pr/1".
             found: tuple[Commit, str] | None = None
             for k in range(1, len(rest) + 1):

@@ -148,3 +148,16 @@ async def test_pickled_adapters_are_refused_before_download(hub: FakeHub, tmp_pa
     with pytest.raises(InvalidAdapter, match="pickled"):
         await registry.acquire("acme/pickled", "hub", None)
     assert not any(repo == "acme/pickled" for repo, _ in hub.hits)
+
+
+async def test_gated_adapters_check_every_requesters_access(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine())
+    hub.add_repo("acme/gated", write_adapter(tmp_path / "gated"), gated=True, token=TOKEN)
+    with pytest.raises(ModelNotFound):  # its metadata is readable, its files are not
+        await registry.acquire("acme/gated", "hub", None)
+    granted = await registry.acquire("acme/gated", "hub", TOKEN)
+    assert not granted.loaded.entry.public
+    granted.release()
+    for token in (None, "hf_other"):  # cached now, and still closed to requesters without access
+        with pytest.raises(ModelNotFound):
+            await registry.acquire("acme/gated", "hub", token)
