@@ -87,7 +87,6 @@ class FinishedChoice:
     index: int
     text: str = ""
     finish_reason: FinishReason | None = None
-    tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float | None = None
@@ -266,7 +265,6 @@ class Generator:
             async for call_index, delta in deltas:
                 choice = choices[(call_index, delta.index)]
                 choice.text += delta.text
-                choice.tokens += len(delta.token_ids)
                 completion_tokens += len(delta.token_ids)
                 choice.logprobs.extend(delta.logprobs or ())
                 choice.finish_reason = delta.finish_reason or choice.finish_reason

@@ -28,6 +28,3 @@ class SingleFlight(Generic[T]):
             # Retrieve the exception even if every caller left, so asyncio does not log it as lost.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
-
-    def in_flight(self) -> int:
-        return len(self._flights)

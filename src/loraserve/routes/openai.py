@@ -38,8 +38,6 @@ from loraserve.tools import ParsedToolCall, ToolPlan
 
 logger = logging.getLogger(__name__)
 
-Deltas = PrimedStream
-
 router = APIRouter(prefix="/v1")
 
 _DONE = b"data: [DONE]\n\n"
@@ -146,7 +144,7 @@ class _ChoiceStream:
 
 
 async def _chat_events(
-    prepared: PreparedRequest, deltas: Deltas, created: int, model: str, include_usage: bool
+    prepared: PreparedRequest, deltas: PrimedStream, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     def chunk(
         index: int, delta: ChatDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None
@@ -261,7 +259,7 @@ def _completion_choice(prepared: PreparedRequest, choice: FinishedChoice) -> Com
 
 
 async def _completion_events(
-    prepared: PreparedRequest, deltas: Deltas, created: int, model: str, include_usage: bool
+    prepared: PreparedRequest, deltas: PrimedStream, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     def chunk(choice: CompletionChoice) -> bytes:
         return _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[choice]))
