@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.adapters import make_lora_adapter  # noqa: E402
 from tests.support.fake_hub import FakeHub  # noqa: E402
+from tests.support.server import free_port, wait_healthy  # noqa: E402
 
 from loraserve.demo import embedded_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MESSAGES = [{"role": "user", "content": "What is the capital of Germany?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ttft(client: OpenAI, model: str) -> float:
@@ -65,7 +59,7 @@ def main() -> None:
             folder = make_lora_adapter(base, work / f"adapter-{i}", seed=100 + i)
             hub.add_repo(f"bench/adapter-{i}", folder)
             names.append(f"bench/adapter-{i}")
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "loraserve", "serve", "--port", str(port),
                    "--adapter-cache-dir", str(work / "cache")]  # fmt: skip
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(work / "hf")}
@@ -74,8 +68,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            while not _healthy(url, process):
-                time.sleep(0.5)
+            wait_healthy(url, process, timeout_s=600)
             client = OpenAI(base_url=f"{url}/v1", api_key="unused")
             _ttft(client, "")  # warm the engine itself
             base_ttft = [_ttft(client, "") for _ in range(args.warm)]
@@ -107,15 +100,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"adapter_cold_start-{int(time.time())}.json").write_text(json.dumps(result, indent=2))
-
-
-def _healthy(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise SystemExit(f"server exited with {process.returncode}")
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

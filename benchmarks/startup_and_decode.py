@@ -15,22 +15,18 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.server import free_port, wait_healthy  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:
@@ -39,21 +35,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     args, extra = parser.parse_known_args()
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--dtype", args.dtype, *extra]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, process, timeout_s=600)
         startup_s = time.monotonic() - started
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         runs = []

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
-import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 from openai import OpenAI
@@ -22,6 +19,7 @@ from openai import OpenAI
 from loraserve.demo import embedded_model_dir
 from tests.support.adapters import make_lora_adapter
 from tests.support.fake_hub import FakeHub
+from tests.support.server import free_port, wait_healthy
 
 STARTUP_TIMEOUT_S = 420
 PRIVATE_TOKEN = "hf_private_e2e_token"
@@ -45,26 +43,6 @@ class RunningServer:
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
 
 
 def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
@@ -93,7 +71,7 @@ _AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAU
 
 def _start_s3(folder: Path) -> tuple[ThreadedMotoServer, str]:
     """moto's S3-compatible server on loopback, holding one adapter under s3://loras/team/s3-a."""
-    port = _free_port()
+    port = free_port()
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     s3.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -134,7 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_World]:
 
 @contextmanager
 def _serve(world: _World, name: str, extra: list[str]) -> Iterator[RunningServer]:
-    port = _free_port()
+    port = free_port()
     log = world.work / f"{name}.log"
     # fp32 keeps greedy decoding deterministic; small sizes keep the test machine free.
     command = [
@@ -150,7 +128,7 @@ def _serve(world: _World, name: str, extra: list[str]) -> Iterator[RunningServer
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log)
+        wait_healthy(url, process, STARTUP_TIMEOUT_S, log)
         yield RunningServer(url, log, world.model_dir, world.hub, world.adapters)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
