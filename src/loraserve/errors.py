@@ -37,6 +37,7 @@ class LoraserveError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds; set on errors a client should retry
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -49,7 +50,7 @@ class LoraserveError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
     def headers(self) -> dict[str, str] | None:
-        return None
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 class InvalidRequest(LoraserveError):
@@ -84,9 +85,7 @@ class CacheFull(LoraserveError):
     status = 507
     type = "server_error"
     code = "adapter_cache_full"
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": "10"}
+    retry_after = 10
 
 
 class RequestTooLarge(LoraserveError):
@@ -108,9 +107,7 @@ class EngineUnavailable(LoraserveError):
     status = 503
     type = "service_unavailable"
     code = "engine_unavailable"
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": "5"}
+    retry_after = 5
 
 
 class SourceUnavailable(EngineUnavailable):
@@ -119,9 +116,7 @@ class SourceUnavailable(EngineUnavailable):
 
 class ServerBusy(EngineUnavailable):
     code = "server_busy"
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": "1"}
+    retry_after = 1
 
 
 class EngineFailure(LoraserveError):
