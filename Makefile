@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 ACCEL := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test
+# A pip user's venv for `make smoke-pip`: built anew each time, removed afterwards.
+PIP_VENV := .venv-pip
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install install-test serve test test-unit test-e2e lint clean
+.PHONY: install install-test serve smoke smoke-pip test test-unit test-e2e lint clean
 
 install: $(STAMP)
 
@@ -38,6 +40,19 @@ endif
 serve: install
 	$(BIN)/loraserve serve --host $(HOST) --port $(PORT)
 
+# The user's path, before any test extra: start the server with an empty cache (so the embedded
+# model is converted), talk to it over plain HTTP, stop it. CI runs this before `make test`.
+smoke: install
+	$(BIN)/python scripts/smoke.py
+
+# The pip user's path: `pip install ".[cpu]"` into a fresh venv, nothing else, then the same smoke.
+smoke-pip:
+	rm -rf $(PIP_VENV)
+	$(PYTHON) -m venv $(PIP_VENV)
+	$(PIP_VENV)/bin/pip install --quiet ".[$(ACCEL)]"
+	$(PIP_VENV)/bin/python scripts/smoke.py
+	rm -rf $(PIP_VENV)
+
 test: install-test
 	$(BIN)/pytest tests
 
@@ -48,9 +63,9 @@ test-e2e: install-test
 	$(BIN)/pytest tests/e2e
 
 lint: install-test
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks scripts
+	$(BIN)/ruff format --check src tests examples benchmarks scripts
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from typing import Any
 
 from loraserve import __version__
 from loraserve.config import Settings
+from loraserve.torch_extras import hide_unloadable
 
 _ENV_PREFIX = "LORASERVE_"
 
@@ -118,8 +119,17 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Before anything imports transformers or vLLM, which break on an unloadable torchvision.
+    hidden = hide_unloadable()
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hidden:
+        logging.getLogger(__name__).warning(
+            "%s cannot load beside this torch (PyPI's CUDA builds beside a CPU torch); loraserve runs without "
+            "them. `pip uninstall -y %s` removes them and this check.",
+            ", ".join(hidden),
+            " ".join(hidden),
+        )
     import uvicorn
 
     from loraserve.app import create_app
