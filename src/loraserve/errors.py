@@ -139,8 +139,22 @@ def sse_error(exc: LoraserveError) -> bytes:
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
+    """pydantic's error location as OpenAI writes a parameter: ``messages[0].content``.
+
+    pydantic also puts the tried union member in the location (``str``, ``list[TextContentPart]``);
+    that is not a parameter, so it is left out.
+    """
+    param = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not _is_union_member_tag(str(part)):
+            param += f".{part}" if param else str(part)
+    return param or None
+
+
+def _is_union_member_tag(part: str) -> bool:
+    return any(c in part for c in "[(-") or part in {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 async def _on_loraserve_error(_: Request, exc: Exception) -> JSONResponse:

@@ -131,7 +131,7 @@ class Generator:
             options = self._options(
                 body,
                 target.chat.tokenizer,
-                self._room(len(prompt_ids), body.token_limit(), "messages"),
+                self._room(len(prompt_ids), body.token_limit(), "messages", body.token_limit_param()),
                 n=body.n,
                 logprobs=top if body.logprobs else None,
                 structured=structured,
@@ -164,7 +164,7 @@ class Generator:
         try:
             tokenizer = target.chat.tokenizer
             encoded = [await self._encode_prompt(tokenizer, p) for p in prompts]
-            room = min(self._room(len(ids), body.max_tokens, "prompt") for ids, _ in encoded)
+            room = min(self._room(len(ids), body.max_tokens, "prompt", "max_tokens") for ids, _ in encoded)
             ranking = samples > body.n  # best_of: rank samples by their cumulative logprob
             logprobs = body.logprobs if body.logprobs is not None else (0 if ranking else None)
             options = self._options(
@@ -205,17 +205,26 @@ class Generator:
             raise InvalidRequest(f"Token id {bad[0]} is outside the vocabulary (size {vocab}).", param="prompt")
         return list(prompt), str(tokenizer.decode(prompt))
 
-    def _room(self, prompt_len: int, requested_max: int | None, prompt_param: str) -> int:
-        """max_tokens: what the request asked for, or what the context leaves."""
+    def _room(self, prompt_len: int, requested_max: int | None, prompt_param: str, max_param: str) -> int:
+        """max_tokens: what the request asked for, or what the context leaves.
+
+        The error names what the user must change: the prompt when it alone fills the context,
+        else the max-tokens parameter they set.
+        """
         limit = self._engine.max_model_len
         room = limit - prompt_len
-        if room <= 0 or (requested_max is not None and requested_max > room):
-            asked = requested_max if requested_max is not None else 1
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens, and the {prompt_param} alone has "
+                f"{prompt_len}. Please shorten the {prompt_param}.",
+                param=prompt_param,
+            )
+        if requested_max is not None and requested_max > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, "
-                f"{asked} in the completion). Please reduce the length of the {prompt_param} or completion.",
-                param=prompt_param,
+                f"{prompt_len + requested_max} tokens ({prompt_len} in the {prompt_param}, {requested_max} in the "
+                f"completion). Please reduce `{max_param}` to at most {room}, or shorten the {prompt_param}.",
+                param=max_param,
             )
         return requested_max if requested_max is not None else room
 

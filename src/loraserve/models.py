@@ -18,6 +18,7 @@ from loraserve.templates import ChatFormat
 @dataclass
 class ModelTarget:
     requested: str
+    name: str  # the model that answers, as responses report it: the served base name, or the adapter's
     chat: ChatFormat
     lora: LoraTarget | None = None
     lease: AdapterLease | None = None
@@ -44,12 +45,12 @@ class ModelCatalog:
 
     async def resolve(self, requested: str, source: SourceKind = "hub", token: str | None = None) -> ModelTarget:
         if requested in self._base.names():
-            return ModelTarget(requested, self._base_chat)
+            return ModelTarget(requested, self._base.served_name, self._base_chat)
         if self._adapters is None:
             raise ModelNotFound(requested)
         lease = await self._adapters.acquire(requested, source, token)
         loaded = lease.loaded
-        return ModelTarget(requested, loaded.chat or self._base_chat, loaded.target, lease)
+        return ModelTarget(requested, requested, loaded.chat or self._base_chat, loaded.target, lease)
 
     def adapter_status(self) -> dict[str, Any]:
         if self._adapters is None:

@@ -43,7 +43,9 @@ def _chat(client: TestClient, model: str) -> dict:
 
 
 def test_a_local_adapter_reaches_the_engine_as_a_lora(adapter_client: TestClient, engine: FakeEngine) -> None:
-    assert _chat(adapter_client, "plain")["status"] == 200
+    answer = _chat(adapter_client, "plain")
+    assert answer["status"] == 200
+    assert answer["model"] == "plain"  # the adapter answered, and says so
     lora = engine.calls[-1][3]
     assert lora is not None and lora.int_id >= 1
     assert engine.loras[lora.int_id] == lora

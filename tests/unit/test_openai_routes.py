@@ -51,11 +51,26 @@ def test_two_requests_get_unique_ids(client: TestClient) -> None:
     assert len(ids) == 3
 
 
-def test_empty_model_and_model_path_mean_the_base(client: TestClient, model_dir) -> None:
+def test_empty_model_and_model_path_mean_the_base_and_answer_as_its_served_name(client: TestClient, model_dir) -> None:
     for name in ("", "tiny", str(model_dir)):
         response = client.post(CHAT, json={"model": name, "messages": USER, "max_tokens": 1})
         assert response.status_code == 200, name
-        assert response.json()["model"] == name
+        # As OpenAI and vLLM: the model that answered, never an echo of the request ("" included).
+        assert response.json()["model"] == "tiny"
+        response = client.post(COMPLETIONS, json={"model": name, "prompt": "hello", "max_tokens": 1})
+        assert response.json()["model"] == "tiny"
+
+
+def test_every_stream_chunk_names_the_served_model(client: TestClient) -> None:
+    for route, body in (
+        (CHAT, {"model": "", "messages": USER}),
+        (COMPLETIONS, {"model": "", "prompt": "hello"}),
+    ):
+        body |= {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", route, json=body) as response:
+            chunks = [json.loads(e) for e in _events(response.read().decode())[:-1]]
+        assert len(chunks) >= 3
+        assert {c["model"] for c in chunks} == {"tiny"}, route
 
 
 def test_unknown_model_is_404_and_never_reaches_the_engine(client: TestClient, engine: FakeEngine) -> None:
@@ -81,11 +96,23 @@ def test_chat_content_may_be_a_list_of_text_parts(client: TestClient, engine: Fa
     assert engine.calls[0][1] == engine.calls[1][1]
 
 
-def test_image_parts_are_a_clear_400(client: TestClient) -> None:
-    parts = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
-    response = client.post(CHAT, json={"model": "", "messages": [{"role": "user", "content": parts}]})
+def test_image_parts_are_a_clear_400_naming_the_part(client: TestClient) -> None:
+    parts = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}]
+    response = client.post(CHAT, json={"model": "", "messages": messages})
     assert response.status_code == 400
-    assert response.json()["error"]["param"].startswith("messages.0.content")
+    error = response.json()["error"]
+    assert error["param"] == "messages[1].content[1]"
+    assert "'image_url'" in error["message"] and "not supported" in error["message"]
+    assert "Input should be" not in error["message"]
+
+
+def test_nested_errors_name_the_parameter_as_openai_writes_it(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]
+    error = client.post(CHAT, json={"model": "", "messages": messages}).json()["error"]
+    assert error["param"] == "messages[1].role"
+    error = client.post(CHAT, json={"model": "", "messages": [{"role": "user", "content": 5}]}).json()["error"]
+    assert error["param"] == "messages[0].content"
 
 
 def test_chat_stream_sends_role_first_finish_last_and_done(client: TestClient) -> None:
@@ -175,6 +202,20 @@ def test_prompt_over_the_context_is_400(client: TestClient, engine: FakeEngine) 
     too_long = client.post(COMPLETIONS, json={"model": "", "prompt": "hello", "max_tokens": 64})
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
     assert engine.calls == []
+
+
+def test_too_many_max_tokens_names_the_parameter_to_change(client: TestClient, engine: FakeEngine) -> None:
+    # The prompt fits; the asked-for completion does not: it is max_tokens the user must lower.
+    error = client.post(COMPLETIONS, json={"model": "", "prompt": "hello", "max_tokens": 5000}).json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    assert f"at most {engine.max_model_len - 1}" in error["message"]
+    for param in ("max_tokens", "max_completion_tokens"):
+        error = client.post(CHAT, json={"model": "", "messages": USER, param: 5000}).json()["error"]
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    # A prompt that alone fills the context is the prompt's fault, whatever max_tokens says.
+    error = client.post(CHAT, json={"model": "", "messages": [{"role": "user", "content": "hello " * 80}],
+                                    "max_tokens": 5000}).json()["error"]  # fmt: skip
+    assert error["param"] == "messages"
 
 
 def test_unknown_fields_are_accepted_and_ignored(client: TestClient) -> None:

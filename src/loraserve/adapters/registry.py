@@ -115,7 +115,7 @@ class AdapterRegistry:
             entry = await self._store.ensure(
                 snapshot,
                 fetch=lambda dest: source_impl.fetch(snapshot, dest, token),
-                check=self._check,
+                check=lambda folder: self._check(folder, snapshot.ref.display()),
             )
             self._verified.setdefault(entry.key, set()).add(fingerprint)
             lease = await self._lease(entry)
@@ -167,8 +167,8 @@ class AdapterRegistry:
                 return entry
         return None
 
-    def _check(self, folder: Path) -> None:
-        check_adapter(folder, self._base_shapes, self._base_names, self._max_rank)
+    def _check(self, folder: Path, name: str) -> None:
+        check_adapter(folder, self._base_shapes, self._base_names, self._max_rank, name=name)
 
     async def _load(self, entry: CacheEntry) -> LoadedAdapter:
         loaded = self._loaded.get(entry.key)

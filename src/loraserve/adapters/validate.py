@@ -53,8 +53,13 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
 
 
-def check_adapter(folder: Path, base: BaseShapes, base_names: frozenset[str], max_rank: int) -> AdapterInfo:
-    """Raise ``InvalidAdapter`` with the reason, or describe the adapter."""
+def check_adapter(
+    folder: Path, base: BaseShapes, base_names: frozenset[str], max_rank: int, *, name: str | None = None
+) -> AdapterInfo:
+    """Raise ``InvalidAdapter`` with the reason, or describe the adapter.
+
+    ``name`` is how logs call the adapter (the folder is often a temporary download folder).
+    """
     config = _read_config(folder)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise InvalidAdapter(f"only LoRA adapters are served; this one is peft_type={config.get('peft_type')!r}")
@@ -75,7 +80,7 @@ def check_adapter(folder: Path, base: BaseShapes, base_names: frozenset[str], ma
     if isinstance(named_base, str) and named_base not in base_names:
         # Shapes fit (checked above), so it loads; a differently named base is common after re-uploads.
         logger.warning(
-            "adapter in %s names base %r, not the served model; its shapes fit, loading it", folder, named_base
+            "adapter %s names base %r, not the served model; its shapes fit, loading it", name or folder, named_base
         )
     targets = config.get("target_modules") or ()
     return AdapterInfo(rank, named_base if isinstance(named_base, str) else None, tuple(_as_list(targets)))

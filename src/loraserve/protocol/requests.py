@@ -152,6 +152,24 @@ class _SamplingFields(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        # Before field validation, so an image part is named as such, not as a failed union branch.
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" and isinstance(kind, str):
+                    raise _invalid(
+                        f"messages[{i}].content[{j}]",
+                        f"Content parts of type '{kind}' are not supported: this server serves text models; "
+                        'send text parts (`{"type": "text", "text": ...}`) or a string.',
+                    )
+        return data
+
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -177,6 +195,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def token_limit_param(self) -> str:
+        """The parameter that set ``token_limit()``, for errors that ask the user to change it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class CompletionRequest(_SamplingFields):

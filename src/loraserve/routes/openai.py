@@ -106,14 +106,16 @@ async def chat_completions(
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
-        return _EventStream(_chat_events(prepared, deltas, created, body.model, body.include_usage()), prepared, deltas)
+        return _EventStream(
+            _chat_events(prepared, deltas, created, prepared.target.name, body.include_usage()), prepared, deltas
+        )
     done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
         return done
     return ChatCompletion(
         id=prepared.request_id,
         created=created,
-        model=body.model,
+        model=prepared.target.name,
         choices=[_chat_choice(prepared, choice) for choice in done.choices],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
@@ -222,7 +224,7 @@ async def completions(
     created = int(time.time())
     if body.stream:
         deltas = await services.generator.open_stream(prepared)
-        events = _completion_events(prepared, deltas, created, body.model, body.include_usage())
+        events = _completion_events(prepared, deltas, created, prepared.target.name, body.include_usage())
         return _EventStream(events, prepared, deltas)
     done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
@@ -230,7 +232,7 @@ async def completions(
     return Completion(
         id=prepared.request_id,
         created=created,
-        model=body.model,
+        model=prepared.target.name,
         choices=[_completion_choice(prepared, choice) for choice in done.choices],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )

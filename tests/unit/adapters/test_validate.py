@@ -40,8 +40,9 @@ def test_modules_the_base_lacks_are_refused(tmp_path: Path, base: BaseShapes) ->
 def test_other_base_name_with_fitting_shapes_loads_with_a_warning(
     tmp_path: Path, base: BaseShapes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    check_adapter(write_adapter(tmp_path / "a", base_name="someone/else"), base, NAMES, max_rank=16)
+    check_adapter(write_adapter(tmp_path / "a", base_name="someone/else"), base, NAMES, max_rank=16, name="acme/x")
     assert "someone/else" in caplog.text
+    assert "acme/x" in caplog.text and str(tmp_path) not in caplog.text  # the adapter, not a temp folder
 
 
 def test_shapes_of_another_base_are_refused(tmp_path: Path, base: BaseShapes) -> None:
