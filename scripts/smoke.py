@@ -16,7 +16,8 @@ embedded model's conversion really run. Steps:
 3. a chat answers "Berlin"; a streamed completion is well-formed SSE ending in
    ``[DONE]``; a forced tool call (structured output) parses; a local adapter
    answers through the adapter path (disk cache, validation, LoRARequest);
-4. SIGTERM stops the server and all its processes.
+4. SIGTERM stops the server and all its processes, and the log of this normal
+   start and stop holds no error.
 
 Exit status 0 when every step passed; otherwise 1, with the server log's tail.
 """
@@ -219,6 +220,12 @@ def forced_tool_call_parses(v1: str) -> None:
     check("city" in json.loads(calls[0]["function"]["arguments"]), f"tool arguments: {calls[0]}")
 
 
+def log_is_clean(log: Path) -> None:
+    lines = log.read_text(errors="replace").splitlines()
+    bad = [line for line in lines if " ERROR " in line or "Traceback" in line or line.startswith("ERROR")]
+    check(not bad, "a normal start and stop logged errors:\n  " + "\n  ".join(bad[:20]))
+
+
 def stop(server: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     """SIGTERM, then the whole process group with SIGKILL if it lingers (vLLM's processes included)."""
     if server.poll() is None:
@@ -227,12 +234,16 @@ def stop(server: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
             server.wait(timeout_s)
         except subprocess.TimeoutExpired:
             print(f"     the server did not stop within {timeout_s:.0f} s of SIGTERM; killing its processes")
+    server.wait()
+    deadline = time.monotonic() + 10  # vLLM's helpers (resource tracker, workers) follow within moments
     try:
+        while time.monotonic() < deadline:
+            os.killpg(server.pid, 0)
+            time.sleep(0.2)
         os.killpg(server.pid, signal.SIGKILL)
-        print("     processes of the server's group outlived it; killed them")
+        print("     processes of the server's group outlived it by 10 s; killed them")
     except ProcessLookupError:
         pass
-    server.wait()
 
 
 def main() -> int:
@@ -277,6 +288,8 @@ def main() -> int:
             stop(server)
             server = None
             print(f"ok   the server stopped {time.monotonic() - started:.1f} s after SIGTERM")
+            log_is_clean(log)
+            print("ok   a normal start and stop logged no error")
         except SmokeFailure as failure:
             print(f"FAIL {failure}")
             if log.exists():

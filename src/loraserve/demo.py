@@ -17,9 +17,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
+
+from loraserve.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +95,16 @@ def embedded_model_dir(cache_dir: Path) -> Path:
         return target
     gguf = find_gguf(cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Converting the embedded model %s to %s (one time, about a minute)…", gguf.name, target)
-    started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".{_FOLDER_NAME}.", suffix=".incomplete", dir=target.parent))
     try:
-        _convert(gguf, work)
+        with progress(logger, f"Converting the embedded model {gguf.name} to {target} (once, about 30 s)"):
+            _convert(gguf, work)
         (work / _MARKER).write_text(_FORMAT_VERSION)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    logger.info("Embedded model ready in %.0f s.", time.monotonic() - started)
     return target
 
 
@@ -119,7 +118,7 @@ def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    logger.info("  loading and dequantizing %s", gguf.name)
+    logger.debug("loading and dequantizing %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -127,12 +126,12 @@ def _convert(gguf: Path, out: Path) -> None:
     # a plain Llama with the dequantized weights saves fine.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = torch.float32
+    config.dtype = torch.float32
     plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     # Tied embeddings show up as a "missing" lm_head; anything else is a bug.
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"embedded model conversion mismatch: missing={missing} unexpected={unexpected}")
-    logger.info("  writing safetensors")
+    logger.debug("writing safetensors")
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

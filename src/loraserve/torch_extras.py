@@ -9,9 +9,9 @@ fails to import. loraserve serves text models and needs none of the three.
 At start, ``hide_unloadable()`` tries each installed one in a fresh
 interpreter (a failed import leaves half-registered torch operators behind, so
 never in this process). The ones that fail are hidden here, and named in an
-environment variable read by a ``sitecustomize`` that this module puts on
-``PYTHONPATH``, so every interpreter started below this one (vLLM's EngineCore,
-its workers and its helper subprocesses) hides them too: ``import`` raises
+environment variable read by loraserve's ``sitecustomize`` (see
+``loraserve.child_site``), so every interpreter started below this one (vLLM's
+EngineCore, its workers and its helper subprocesses) hides them too: ``import`` raises
 ImportError and ``importlib.util.find_spec`` answers None, which is what
 transformers and vLLM check, as if they were not installed.
 """
@@ -22,11 +22,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from loraserve import child_site
 
 HIDDEN_MODULES_ENV = "LORASERVE_HIDDEN_MODULES"
 CANDIDATES = ("torchvision", "torchaudio", "torchcodec")
-_SITE_DIR = Path(__file__).with_name("hide_modules_site")
 
 # Prints the name of each module that fails to import; torch first, as the real import order has it.
 _PROBE = """
@@ -55,8 +55,7 @@ def hide(names: list[str]) -> None:
     """Make ``names`` look uninstalled in this process and in every Python process it starts."""
     already = [name for name in os.environ.get(HIDDEN_MODULES_ENV, "").split(",") if name]
     os.environ[HIDDEN_MODULES_ENV] = ",".join(sorted({*already, *names}))
-    path = [str(_SITE_DIR), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    child_site.install()
     for name in names:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # the documented way to block an import

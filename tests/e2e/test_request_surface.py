@@ -6,6 +6,7 @@ The SDK's own pydantic types parse every response and chunk, so a shape error fa
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -48,6 +49,7 @@ def test_json_schema_output_parses_and_validates(server: RunningServer, model: s
     content = response.choices[0].message.content
     assert response.choices[0].finish_reason == "stop", content
     jsonschema.validate(json.loads(content or ""), CITY)
+    assert _whitespace_outside_strings(content or "") == "", content
 
 
 def test_json_object_output_is_an_object(server: RunningServer) -> None:
@@ -55,8 +57,14 @@ def test_json_object_output_is_an_object(server: RunningServer) -> None:
     response = server.client().chat.completions.create(
         model="", messages=ask, max_tokens=200, temperature=0, response_format={"type": "json_object"}
     )
-    assert response.choices[0].finish_reason == "stop", response.choices[0].message.content
-    assert isinstance(json.loads(response.choices[0].message.content or ""), dict)
+    content = response.choices[0].message.content or ""
+    assert response.choices[0].finish_reason == "stop", content
+    assert isinstance(json.loads(content), dict)
+    assert _whitespace_outside_strings(content) == "", content  # as compact as json_schema output
+
+
+def _whitespace_outside_strings(content: str) -> str:
+    return "".join(re.findall(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", content)))
 
 
 @pytest.mark.parametrize("model", MODELS)

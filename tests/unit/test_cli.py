@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from loraserve.cli import parse_settings
@@ -39,3 +42,37 @@ def test_environment_fills_both_our_settings_and_engine_flags(monkeypatch: pytes
 def test_bad_flag_value_exits_with_usage_error() -> None:
     with pytest.raises(SystemExit):
         parse_settings(["serve", "--port", "not-a-number"])
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run loraserve's main in a fresh interpreter; report whether it imported vLLM."""
+    code = (
+        "import sys\nfrom loraserve.cli import main\n"
+        f"try:\n    main({list(argv)!r})\nexcept SystemExit as exit:\n    code = exit.code or 0\n"
+        "print('VLLM-IMPORTED' if 'vllm' in sys.modules else 'NO-VLLM')\nsys.exit(code)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("argv", [["serve", "--help"], ["serve", "-h"], ["serve", "--help=loraserve"]])
+def test_help_on_our_flags_answers_without_loading_vllm_or_logging(argv: list[str]) -> None:
+    result = _run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("NO-VLLM")
+    assert "--adapter-cache-size" in result.stdout and "--help=all" in result.stdout
+    assert len(result.stdout.splitlines()) < 120  # our flags and a pointer to vLLM's, not vLLM's whole usage
+    assert result.stderr == ""
+
+
+def test_top_level_help_topic_means_serves() -> None:
+    result = _run_cli("--help=loraserve")
+    assert result.returncode == 0, result.stderr
+    assert "--adapter-dir" in result.stdout
+
+
+def test_help_on_a_vllm_group_lists_its_flags_without_log_lines() -> None:
+    result = _run_cli("serve", "--help=LoRAConfig")
+    assert result.returncode == 0, result.stderr
+    assert "--max-lora-rank" in result.stdout
+    assert result.stderr == ""
+    assert "Triton" not in result.stdout and "correction" not in result.stdout

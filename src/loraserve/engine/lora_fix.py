@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from loraserve.logs import in_main_process
+
 logger = logging.getLogger("loraserve.lora_fix")
 
 DISABLE_ENV = "LORASERVE_DISABLE_LORA_FIX"
@@ -258,7 +260,9 @@ def _apply() -> list[str]:
         return []
     for name in defective:
         logger.debug("Replacing %s in %s", name, ", ".join(_replace(originals[name], CORRECTED[name], name)))
-    logger.warning(
+    # Once per server, not once per vLLM process: the others only say it at debug.
+    log = logger.info if in_main_process() else logger.debug
+    log(
         "vLLM's CPU LoRA ops compute base-model rows batched with adapter rows through the last adapter "
         "(vLLM #48421); loraserve's correction is active for %s (pid %d)",
         ", ".join(defective),

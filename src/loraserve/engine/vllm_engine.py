@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from vllm import SamplingParams
+from vllm import __version__ as vllm_version
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
@@ -35,8 +37,14 @@ from loraserve.engine.base import (
     SamplingOptions,
     TokenLogprob,
 )
+from loraserve.logs import progress
 
 logger = logging.getLogger(__name__)
+
+# How long vLLM's engine processes get to exit at shutdown before they are killed (vLLM waits 5 s
+# for its workers, then 5 s for the EngineCore); the worker waits on its queues rather than exiting.
+_SHUTDOWN_TIMEOUT_S = 2.0
+_WORKER_SHUTDOWN_TIMEOUT_ENV = "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"
 
 # Flags loraserve owns itself, even though vLLM's parser also defines them.
 _OWNED_BY_LORASERVE = {"model", "served_model_name"}
@@ -53,6 +61,8 @@ def engine_flag_defaults() -> dict[str, Any]:
         # Compact JSON for response_format and forced tool calls: with free whitespace inside the
         # grammar, small models pad with newlines until max_tokens (measured with SmolLM2 here).
         "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        # A progress bar for loading a checkpoint shows nothing useful in a log (it redraws one line).
+        "use_tqdm_on_load": False,
     }
     if current_platform.is_cpu():
         defaults["gpu_memory_utilization"] = 0.3
@@ -68,6 +78,26 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> set[str]:
     return added
 
 
+# Any JSON object, with no whitespace outside strings. vLLM's own json_object asks xgrammar 0.2.8 for
+# `{"type": "object"}` with compact separators, and that version still allows a space after each comma
+# (xgrammar #945), while json_schema output comes out compact; this EBNF makes both kinds agree.
+COMPACT_JSON_OBJECT_GRAMMAR = r"""
+root ::= object
+value ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" (member ("," member)*)? "}"
+member ::= string ":" value
+array ::= "[" (value ("," value)*)? "]"
+string ::= "\"" char* "\""
+char ::= [^"\\\x00-\x1f] | "\\" escape
+escape ::= ["\\/bfnrt] | "u" hex hex hex hex
+hex ::= [0-9a-fA-F]
+number ::= "-"? integer fraction? exponent?
+integer ::= "0" | [1-9] [0-9]*
+fraction ::= "." [0-9]+
+exponent ::= [eE] [+-]? [0-9]+
+"""
+
+
 def _sampling_params(options: SamplingOptions) -> SamplingParams:
     structured = None
     if options.structured is not None:
@@ -75,7 +105,7 @@ def _sampling_params(options: SamplingOptions) -> SamplingParams:
         if kind == "json":
             structured = StructuredOutputsParams(json=spec)
         elif kind == "json_object":
-            structured = StructuredOutputsParams(json_object=True)
+            structured = StructuredOutputsParams(grammar=COMPACT_JSON_OBJECT_GRAMMAR)
         else:
             structured = StructuredOutputsParams(choice=list(spec))
     return SamplingParams(
@@ -157,8 +187,20 @@ class VllmEngine:
         unknown = sorted(set(kwargs) - fields)
         if unknown:
             raise ValueError(f"unknown vLLM engine arguments: {', '.join(unknown)}")
-        logger.info("Starting the vLLM engine for %s (about a minute on CPU)…", model_path)
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        # Read by the EngineCore process it starts: one second for its workers to exit at shutdown.
+        os.environ.setdefault(_WORKER_SHUTDOWN_TIMEOUT_ENV, "1")
+        with progress(logger, "Starting the vLLM engine (about a minute on a CPU)"):
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        lora = llm.vllm_config.lora_config
+        logger.info(
+            "Engine: vLLM %s on %s, dtype %s, context %d tokens, %s LoRA slots, max LoRA rank %s",
+            vllm_version,
+            current_platform.device_type,
+            str(llm.model_config.dtype).removeprefix("torch."),
+            llm.model_config.max_model_len,
+            lora.max_loras if lora else 0,
+            lora.max_lora_rank if lora else 0,
+        )
         return cls(llm)
 
     @property
@@ -250,7 +292,14 @@ class VllmEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     async def shutdown(self) -> None:
-        await asyncio.to_thread(self._llm.shutdown)
+        # vLLM cancels its output handler only after the engine processes are gone, so until then the
+        # handler sees the engine die and logs EngineDeadError at ERROR. A planned stop is no error:
+        # stop reading first. Nothing is lost by the short timeout: requests have drained by now.
+        handler = getattr(self._llm, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            await asyncio.sleep(0)
+        await asyncio.to_thread(self._llm.shutdown, _SHUTDOWN_TIMEOUT_S)
 
 
 def engine_parser_class() -> type[argparse.ArgumentParser]:

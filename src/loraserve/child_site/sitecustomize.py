@@ -1,13 +1,18 @@
-"""Put on PYTHONPATH by loraserve.torch_extras: hide unloadable modules in every Python process started below it.
+"""Run by site in every interpreter started below loraserve's server (see loraserve.child_site).
 
-vLLM starts plain interpreters of its own (``python -m vllm.model_executor.models.registry``,
-its spawned EngineCore and workers); site imports this file in each of them
-before anything else runs. Then it runs the interpreter's own sitecustomize, if
-one exists further down the path, so nothing it did is lost.
+- Modules named in LORASERVE_HIDDEN_MODULES look uninstalled (loraserve.torch_extras).
+- vLLM's log level applies from its first import: vLLM configures its logging
+  only when an engine starts, so warnings logged while importing (Triton, …)
+  would otherwise reach stderr through Python's last-resort handler in every
+  process.
+
+Then the interpreter's own sitecustomize runs, if one exists further down the
+path, so nothing it did is lost.
 """
 
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
 
@@ -15,6 +20,9 @@ for _name in os.environ.get("LORASERVE_HIDDEN_MODULES", "").split(","):
     if _name.strip() and _name.strip() not in sys.modules:
         # The documented way to block an import: `import` raises ImportError, find_spec answers None.
         sys.modules[_name.strip()] = None  # type: ignore[assignment]
+
+if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _rest = [entry for entry in sys.path if os.path.abspath(entry or ".") != _here]

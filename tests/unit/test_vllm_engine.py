@@ -1,0 +1,48 @@
+"""The vLLM engine's request mapping: JSON mode's grammar is compact, as json_schema output is."""
+
+from __future__ import annotations
+
+import pytest
+import xgrammar
+
+from loraserve.engine import SamplingOptions, StructuredOutput
+from loraserve.engine.vllm_engine import COMPACT_JSON_OBJECT_GRAMMAR, _sampling_params
+
+
+def _accepts(text: str) -> bool:
+    grammar = xgrammar.Grammar.from_ebnf(COMPACT_JSON_OBJECT_GRAMMAR)
+    return bool(xgrammar.testing._is_grammar_accept_string(grammar, text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{}",
+        '{"name":"Frozen","age":2}',
+        '{"a":[true,false,null,[]],"b":{"c":-0.5e+3},"d":"x\\n\\u00e9 \\"q\\" spaces inside strings"}',
+    ],
+)
+def test_json_mode_grammar_accepts_compact_objects(text: str) -> None:
+    assert _accepts(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name":"Frozen", "age":2}',  # the space after a comma that xgrammar 0.2.8 lets through
+        '{ "a":1}',
+        '{"a": 1}',
+        '{"a":1}\n',
+        "[1,2]",  # JSON mode answers an object
+        '{"a":01}',
+        '{"a":"\x01"}',  # control characters must be escaped
+    ],
+)
+def test_json_mode_grammar_refuses_whitespace_and_non_objects(text: str) -> None:
+    assert not _accepts(text)
+
+
+def test_json_object_requests_use_the_compact_grammar() -> None:
+    options = SamplingOptions(max_tokens=8, structured=StructuredOutput("json_object"))
+    params = _sampling_params(options).structured_outputs
+    assert params is not None and params.grammar == COMPACT_JSON_OBJECT_GRAMMAR and not params.json_object
