@@ -21,6 +21,7 @@ from loraserve.config import Settings
 from loraserve.engine import Engine
 from loraserve.errors import LoraserveError, install_error_handlers
 from loraserve.generation import Generator
+from loraserve.header_limit import HeaderLimitMiddleware
 from loraserve.models import ModelCatalog
 from loraserve.routes import openai, system
 from loraserve.services import Services
@@ -42,9 +43,9 @@ def _adapter_registry(settings: Settings, engine: Engine, base: BaseModel, base_
     store = AdapterStore(settings.adapter_cache_path(), int(settings.adapter_cache_size))
     store.open()
     sources: dict[SourceKind, Source] = {
-        "hub": HubSource(),
+        "hub": HubSource(settings.adapter_source_timeout),
         "local": LocalSource(settings.adapter_dir),
-        "s3": S3Source(),
+        "s3": S3Source(settings.adapter_source_timeout),
     }
     registry = AdapterRegistry(
         engine=engine,
@@ -56,6 +57,7 @@ def _adapter_registry(settings: Settings, engine: Engine, base: BaseModel, base_
         max_lora_rank=engine.max_lora_rank,
         resolve_ttl=settings.adapter_resolve_ttl,
         server_token=get_token(),
+        source_timeout=settings.adapter_source_timeout,
     )
     store.set_evict_hook(registry.forget)
     return registry
@@ -94,4 +96,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(system.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderLimitMiddleware)  # added last, so it runs first
     return app

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Seconds a resolved adapter version and a requester's access to it are trusted before "
         "the source is asked again (a moved branch is seen after at most this long).",
     )
+    adapter_source_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds an adapter source (the Hub, S3) may take to answer one call; a source that "
+        "does not answer in time is a 503 with Retry-After, like one that is down.",
+    )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (larger is 413)."
     )

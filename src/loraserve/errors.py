@@ -8,6 +8,7 @@
     │   ├── InvalidAdapter              400 code=invalid_adapter
     │   └── AdapterTooLarge             400 code=adapter_too_large
     ├── RequestTooLarge                 413 invalid_request_error
+    ├── HeadersTooLarge                 431 invalid_request_error
     ├── ModelNotFound                   404 code=model_not_found, param=model
     ├── CacheFull                       507 code=adapter_cache_full
     ├── EngineUnavailable               503 service_unavailable
@@ -92,6 +93,12 @@ class RequestTooLarge(LoraserveError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(LoraserveError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class ModelNotFound(LoraserveError):

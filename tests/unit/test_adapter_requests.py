@@ -118,3 +118,31 @@ def test_preloaded_adapters_are_loaded_at_start_and_pinned(
         assert len(engine.loras) == 1  # loaded before any request; the missing one only logged
         rows = client.get("/v1/adapters").json()["data"]
         assert [(row["id"], row["pinned"]) for row in rows] == [("plain", True)]
+
+
+@pytest.mark.parametrize("name", ["0123456789abcdef0123456789abcdef01234567", "a" * 40])
+def test_a_local_adapter_named_like_a_commit_is_served(
+    adapter_client: TestClient, adapter_root: Path, name: str
+) -> None:
+    write_adapter(adapter_root / name)
+    answer = _chat(adapter_client, name)
+    assert answer["status"] == 200, answer
+    assert answer["model"] == name
+
+
+@pytest.mark.parametrize("name", ["plain\n", "plain\r\n", "plain\t", "pla\x00in", " plain"])
+def test_names_that_cannot_exist_are_404_before_any_io(adapter_client: TestClient, name: str) -> None:
+    answer = _chat(adapter_client, name)
+    assert answer["status"] == 404, answer
+    assert answer["error"]["code"] == "model_not_found"
+
+
+def test_a_missing_local_adapter_named_like_a_commit_is_404(adapter_client: TestClient) -> None:
+    answer = _chat(adapter_client, "0123456789abcdef0123456789abcdef01234567")
+    assert answer["status"] == 404, answer
+
+
+def test_a_hub_name_with_a_newline_is_404_not_blamed_on_the_hub(adapter_client: TestClient) -> None:
+    response = adapter_client.post(CHAT, json={"model": "acme/good-1\n", "messages": USER, "max_tokens": 1})
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"

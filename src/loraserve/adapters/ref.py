@@ -1,4 +1,8 @@
-"""Parse and validate what a request names in `model`, before anything touches disk or network."""
+"""Parse and validate what a request names in `model`, before anything touches disk or network.
+
+Patterns are applied with ``fullmatch``: ``re.match`` with ``$`` also accepts a
+trailing newline, and "acme/x\\n" then reached the Hub.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ _HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _S3 = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([A-Za-z0-9!_.*'()/-]{1,900})$")
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -34,17 +37,17 @@ def parse_ref(model: str, source: SourceKind) -> AdapterRef:
     """Turn a request's `model` into a reference, or 404 without any I/O."""
     if source == "hub":
         name, _, revision = model.partition("@")
-        if not _HUB_ID.match(name) or ".." in name:
+        if not _HUB_ID.fullmatch(name) or ".." in name:
             raise ModelNotFound(model)
-        if revision and (not _REVISION.match(revision) or ".." in revision or "//" in revision):
+        if revision and (not _REVISION.fullmatch(revision) or ".." in revision or "//" in revision):
             raise ModelNotFound(model)
         return AdapterRef("hub", name, revision or None)
     if source == "local":
         parts = model.split("/")
-        if not model or any(not _LOCAL_PART.match(p) or p in (".", "..") for p in parts):
+        if not model or any(not _LOCAL_PART.fullmatch(p) or p in (".", "..") for p in parts):
             raise ModelNotFound(model)
         return AdapterRef("local", model)
-    match = _S3.match(model)
+    match = _S3.fullmatch(model)
     if match is None or ".." in match.group(2).split("/") or "//" in match.group(2):
         raise ModelNotFound(model)
     return AdapterRef("s3", model.rstrip("/"))

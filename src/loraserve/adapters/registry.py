@@ -76,9 +76,11 @@ class AdapterRegistry:
         max_lora_rank: int,
         resolve_ttl: float,
         server_token: str | None,
+        source_timeout: float = 20.0,
     ) -> None:
         self._engine = engine
         self._store = store
+        self._source_timeout = source_timeout
         self._sources = sources
         self._base_shapes = base_shapes
         self._base_names = base_names
@@ -154,7 +156,17 @@ class AdapterRegistry:
 
         async def work() -> Snapshot:
             started = time.monotonic()
-            snapshot = await anyio.to_thread.run_sync(self._sources[ref.source].resolve, ref, token)
+            # The sources carry socket timeouts too; this bounds the whole answer, retries included.
+            try:
+                with anyio.fail_after(self._source_timeout):
+                    snapshot = await anyio.to_thread.run_sync(
+                        self._sources[ref.source].resolve, ref, token, abandon_on_cancel=True
+                    )
+            except TimeoutError as exc:
+                raise SourceUnavailable(
+                    f"The {ref.source} source did not answer for {ref.display()} within "
+                    f"{self._source_timeout:g} s; try again later."
+                ) from exc
             self._snapshots[key] = snapshot
             self.last_resolve_seconds[snapshot.key] = time.monotonic() - started
             return snapshot

@@ -24,6 +24,9 @@ from loraserve.errors import InvalidAdapter, ModelNotFound, SourceUnavailable
 
 logger = logging.getLogger(__name__)
 
+# Seconds one call to a source may take (--adapter-source-timeout).
+DEFAULT_TIMEOUT_S = 20.0
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -88,17 +91,28 @@ def _select(ref: AdapterRef, names_and_sizes: Iterable[tuple[str, int]]) -> tupl
 
 
 class HubSource:
-    """The Hugging Face Hub through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply)."""
+    """The Hugging Face Hub through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply).
+
+    Every call carries ``timeout_s``: huggingface_hub sets none on metadata calls, so a Hub that
+    accepts the connection and never answers would hold a request and a worker thread for ever.
+    """
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
 
     def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 
         with _hub_errors(ref):
             api = HfApi()
-            info = api.model_info(ref.name, revision=ref.revision, files_metadata=True, token=token)
-            if info.gated:
-                # Anyone may read a gated repo's metadata; only granted tokens may read its files.
-                api.auth_check(ref.name, token=token)
+            info = api.model_info(
+                ref.name, revision=ref.revision, files_metadata=True, token=token, timeout=self.timeout_s
+            )
+            if info.gated and info.sha:
+                # Anyone may read a gated repo's metadata; only granted tokens may read its files
+                # (asked for one file: HfApi.auth_check takes no timeout).
+                url = hf_hub_url(ref.name, CONFIG, revision=info.sha)
+                get_hf_file_metadata(url, token=token, timeout=self.timeout_s)
         if not info.sha:
             raise SourceUnavailable(f"The Hub did not say which commit {ref.display()} is at; try again later.")
         siblings = [(s.rfilename, int(s.size or 0)) for s in info.siblings or ()]
@@ -111,7 +125,12 @@ class HubSource:
         for file in snapshot.files:
             with _hub_errors(snapshot.ref):
                 hf_hub_download(
-                    snapshot.ref.name, file.name, revision=snapshot.version, token=token, local_dir=str(dest)
+                    snapshot.ref.name,
+                    file.name,
+                    revision=snapshot.version,
+                    token=token,
+                    local_dir=str(dest),
+                    etag_timeout=self.timeout_s,
                 )
         # huggingface_hub keeps bookkeeping beside local_dir downloads; the entry needs none of it.
         shutil.rmtree(dest / ".cache", ignore_errors=True)
@@ -124,6 +143,7 @@ def _hub_errors(ref: AdapterRef) -> Iterator[None]:
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -135,6 +155,8 @@ def _hub_errors(ref: AdapterRef) -> Iterator[None]:
     except LocalEntryNotFoundError as exc:  # "could not reach the Hub, and the file is not cached"
         raise SourceUnavailable(unreachable) from exc
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise ModelNotFound(ref.display()) from exc
+    except HFValidationError as exc:  # a name the Hub cannot have: not the Hub's fault
         raise ModelNotFound(ref.display()) from exc
     except HfHubHTTPError as exc:
         if exc.response is not None and exc.response.status_code in (401, 403):
@@ -182,14 +204,17 @@ class LocalSource:
 class S3Source:
     """``s3://bucket/prefix`` through boto3 (AWS_* variables, AWS_ENDPOINT_URL included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
         self._client: Any = None
 
     def _s3(self) -> Any:
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
-            self._client = boto3.client("s3")
+            timeouts = Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s, retries={"max_attempts": 2})
+            self._client = boto3.client("s3", config=timeouts)
         return self._client
 
     @staticmethod

@@ -116,7 +116,7 @@ def _check_tensors(weights: Path, base: BaseShapes, rank: int) -> None:
     matched = 0
     unknown: set[str] = set()
     for key, shape in shapes.items():
-        found = _LORA_KEY.match(key)
+        found = _LORA_KEY.fullmatch(key)
         if found is None:
             continue
         module = found.group("module")

@@ -23,7 +23,9 @@ def _invalid(param: str, message: str) -> PydanticCustomError:
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields pass; known ones are typed as strictly as OpenAI types them: "16" is not an
+    # integer, 1 is not a boolean, 3.0 is not an integer (an integer is still a fine number).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -32,6 +34,30 @@ class _Lenient(BaseModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None}
         return data
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The OpenAI-style path of the first string holding a lone UTF-16 surrogate, if any.
+
+    JSON's "\\ud800" parses to a string that is not valid Unicode: it cannot be encoded, so a
+    tokenizer, a template worker or a log line would fail on it later as a 500.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate_at(key, path) or _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := _lone_surrogate_at(item, f"{path}[{index}]"):
+                return found
+    return None
 
 
 class StreamOptions(_Lenient):
@@ -132,6 +158,17 @@ class _SamplingFields(_Lenient):
     # LoRAX's fields: where the adapter named in `model` comes from, and a Hub token for private ones.
     adapter_source: Literal["hub", "local", "s3"] = "hub"
     api_token: str | None = Field(None, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (param := _lone_surrogate_at(data, "")) is not None:
+            raise _invalid(
+                param or "body",
+                f"`{param}` holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                "valid Unicode text.",
+            )
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -33,3 +33,20 @@ def test_s3_names() -> None:
     for bad in ("s3://bucket/../x", "http://bucket/x", "s3://B/x", "s3://bucket"):
         with pytest.raises(ModelNotFound):
             parse_ref(bad, "s3")
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("acme/good-1\n", "hub"),
+        ("acme/good-1@main\n", "hub"),
+        ("acme/good-1\r", "hub"),
+        ("plain\n", "local"),
+        ("team/plain\n", "local"),
+        ("s3://bucket/adapters/a\n", "s3"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_any_valid_name(name: str, source: str) -> None:
+    # `$` in a Python regex also matches before a final newline: names must match whole.
+    with pytest.raises(ModelNotFound):
+        parse_ref(name, source)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
 
 def _registry(
-    tmp_path: Path, model_dir: Path, engine: FakeEngine, budget: int = 10**9, ttl: float = 60
+    tmp_path: Path,
+    model_dir: Path,
+    engine: FakeEngine,
+    budget: int = 10**9,
+    ttl: float = 60,
+    source_timeout: float = 20.0,
 ) -> AdapterRegistry:
     write_base(model_dir)
     store = AdapterStore(tmp_path / "cache", budget)
@@ -37,13 +43,14 @@ def _registry(
     registry = AdapterRegistry(
         engine=engine,
         store=store,
-        sources={"hub": HubSource(), "local": LocalSource([]), "s3": S3Source()},
+        sources={"hub": HubSource(source_timeout), "local": LocalSource([]), "s3": S3Source(source_timeout)},
         base_shapes=BaseShapes.from_folder(model_dir),
         base_names=frozenset({"base"}),
         base_tokenizer=ChatFormat(load_tokenizer(model_dir)).tokenizer,
         max_lora_rank=16,
         resolve_ttl=ttl,
         server_token=None,
+        source_timeout=source_timeout,
     )
     store.set_evict_hook(registry.forget)
     return registry
@@ -161,3 +168,35 @@ async def test_gated_adapters_check_every_requesters_access(hub: FakeHub, tmp_pa
     for token in (None, "hf_other"):  # cached now, and still closed to requesters without access
         with pytest.raises(ModelNotFound):
             await registry.acquire("acme/gated", "hub", token)
+
+
+@pytest.fixture
+def silent_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A Hub address that accepts connections and never answers a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    patch_default_endpoint(monkeypatch, url)
+    try:
+        yield url
+    finally:
+        listener.close()
+
+
+async def test_a_hub_that_never_answers_is_a_503_within_the_source_timeout(
+    silent_hub: str, tmp_path: Path, model_dir: Path
+) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine(), source_timeout=1.0)
+    # Guarded, so a regression fails instead of hanging the suite (it hung for good before the timeout).
+    with pytest.raises(SourceUnavailable) as raised:
+        await asyncio.wait_for(registry.acquire("acme/a", "hub", None), 60)
+    assert raised.value.retry_after is not None
+    assert "did not answer" in raised.value.message or "unreachable" in raised.value.message
+
+
+def test_sources_carry_the_timeout_into_their_clients() -> None:
+    s3 = S3Source(timeout_s=3.0)
+    config = s3._s3().meta.config
+    assert (config.connect_timeout, config.read_timeout) == (3.0, 3.0)
+    assert HubSource(timeout_s=3.0).timeout_s == 3.0
