@@ -56,7 +56,7 @@ def level_from_argv(argv: Sequence[str]) -> LogLevel:
 
 def configure(level: LogLevel) -> None:
     """Our format and level for loraserve and uvicorn; the rest of the stack quiet below debug."""
-    os.environ.setdefault(MAIN_PID_ENV, str(os.getpid()))
+    os.environ[MAIN_PID_ENV] = str(os.getpid())  # this process runs the server, whatever its parent said
     for name, value in (_DEBUG_ENV if level == "debug" else _QUIET_ENV).items():
         os.environ.setdefault(name, value)
     child_site.install()  # vLLM's processes apply its log level from their first import
