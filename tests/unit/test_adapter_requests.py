@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,18 @@ def test_a_hub_name_with_a_newline_is_404_not_blamed_on_the_hub(adapter_client: 
     response = adapter_client.post(CHAT, json={"model": "acme/good-1\n", "messages": USER, "max_tokens": 1})
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_cache_folder_deleted_under_a_running_server_is_rebuilt(
+    adapter_client: TestClient, engine: FakeEngine, tmp_path: Path
+) -> None:
+    assert _chat(adapter_client, "plain")["status"] == 200
+    shutil.rmtree(tmp_path / "cache")  # an operator's rm -rf, a tmpfs cleaner
+    again = _chat(adapter_client, "plain")  # formerly cached
+    assert again["status"] == 200, again
+    assert _chat(adapter_client, "templated")["status"] == 200  # never cached
+    lora = engine.calls[-2][3]
+    assert lora is not None and Path(lora.path).is_dir()  # the engine loads from files that exist
+    shutil.rmtree(tmp_path / "cache")
+    assert _chat(adapter_client, "templated")["status"] == 200
+    assert adapter_client.get("/v1/adapters").status_code == 200

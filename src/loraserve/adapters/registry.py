@@ -142,10 +142,15 @@ class AdapterRegistry:
 
     async def _lease(self, entry: CacheEntry) -> AdapterLease | None:
         """Load ``entry`` and lease it, unless it was evicted meanwhile (the caller then retries)."""
-        loaded = await self._load(entry)
-        # Awaiting the load lets other requests run, and one may have evicted this very entry.
-        if self._store.get(entry.key) is entry and loaded.entry is entry:
-            return AdapterLease(self._store, loaded)
+        # Other requests ran while this one waited for the download: the entry may be gone already.
+        if self._store.get(entry.key) is not entry:
+            return None
+        # Held across the load: between download and add_lora the entry is in use, so making room
+        # for another adapter cannot delete the files the engine is about to read.
+        with self._store.lease(entry):
+            loaded = await self._load(entry)
+            if self._store.get(entry.key) is entry and loaded.entry is entry:
+                return AdapterLease(self._store, loaded)
         return None
 
     async def _resolve(self, ref: AdapterRef, token: str | None, fingerprint: str) -> Snapshot:

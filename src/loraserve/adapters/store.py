@@ -100,9 +100,8 @@ class AdapterStore:
 
     def open(self) -> None:
         """Sweep leftovers of interrupted downloads, then rebuild the index from disk."""
-        self._entries_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         for folder in self._entries_dir.iterdir():
             entry = self._read_entry(folder)
             if entry is None:
@@ -178,10 +177,22 @@ class AdapterStore:
     ) -> CacheEntry:
         """The entry for ``snapshot``, downloading it once however many callers ask."""
         entry = self._entries.get(snapshot.key)
+        if entry is not None and not (entry.path / META).is_file():
+            await self._forget_vanished(entry)
+            entry = None
         if entry is not None:
             self.touch(entry)
             return entry
         return await self._downloads.run(snapshot.key, lambda: self._download(snapshot, fetch, check))
+
+    async def _forget_vanished(self, entry: CacheEntry) -> None:
+        """Someone deleted the entry's folder (an operator's rm -rf, a tmp cleaner): fetch it anew."""
+        if self._entries.get(entry.key) is not entry:
+            return
+        logger.warning("adapter %s vanished from the cache folder; fetching it again", entry.root)
+        del self._entries[entry.key]
+        if entry.evictable and self._on_evict is not None:
+            await self._on_evict(entry)  # requests still using it keep the engine's copy
 
     async def _download(
         self, snapshot: Snapshot, fetch: Callable[[Path], None], check: Callable[[Path], object]
@@ -198,7 +209,8 @@ class AdapterStore:
             self._reserved += need
         work = self._tmp_dir / f"{snapshot.key}.{uuid.uuid4().hex}.incomplete"
         try:
-            work.mkdir(parents=True)
+            self._make_dirs()  # the cache folder may have been deleted under us
+            work.mkdir()
             started = time.monotonic()
             await anyio.to_thread.run_sync(fetch, work)
             await anyio.to_thread.run_sync(check, work)
@@ -212,6 +224,7 @@ class AdapterStore:
             }
             (work / META).write_text(json.dumps(meta))
             target = self._entries_dir / snapshot.key
+            self._make_dirs()
             os.replace(work, target)
             entry = CacheEntry(
                 snapshot.key, target, _folder_size(target), snapshot.ref, snapshot.version, snapshot.public, time.time()
@@ -247,5 +260,13 @@ class AdapterStore:
             await self._on_evict(entry)
         # Rename first so the entry vanishes at once; the slow delete happens after.
         doomed = self._tmp_dir / f"{entry.key}.{uuid.uuid4().hex}.evicted"
-        os.replace(entry.path, doomed)
+        try:
+            self._make_dirs()
+            os.replace(entry.path, doomed)
+        except FileNotFoundError:  # deleted under us already
+            return
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(doomed, ignore_errors=True))
+
+    def _make_dirs(self) -> None:
+        self._entries_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.sources import HubSource, LocalSource, S3Source
 from loraserve.adapters.store import AdapterStore
 from loraserve.adapters.validate import BaseShapes
+from loraserve.engine import EngineRejected, LoraTarget
 from loraserve.errors import CacheFull, InvalidAdapter, ModelNotFound, SourceUnavailable
 from loraserve.templates import ChatFormat, load_tokenizer
 from tests.support.fake_hub import FakeHub, patch_default_endpoint
@@ -200,3 +201,37 @@ def test_sources_carry_the_timeout_into_their_clients() -> None:
     config = s3._s3().meta.config
     assert (config.connect_timeout, config.read_timeout) == (3.0, 3.0)
     assert HubSource(timeout_s=3.0).timeout_s == 3.0
+
+
+class _SlowLoadEngine(FakeEngine):
+    """add_lora waits until the test lets it finish, and checks the files are still there (as vLLM reads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        self.loading.set()
+        await self.finish.wait()
+        if not Path(lora.path).is_dir():
+            raise EngineRejected(f"No adapter found for {lora.path}")
+        await super().add_lora(lora)
+
+
+async def test_an_adapter_being_loaded_is_never_evicted(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    engine = _SlowLoadEngine()
+    _publish(hub, tmp_path, "acme/a")
+    _publish(hub, tmp_path, "acme/b")
+    one_adapter = sum(f.stat().st_size for f in (tmp_path / "src" / "acme__a").iterdir())
+    registry = _registry(tmp_path, model_dir, engine, budget=one_adapter + 100)
+    loading_a = asyncio.create_task(registry.acquire("acme/a", "hub", None))
+    await asyncio.wait_for(engine.loading.wait(), 30)
+    # b needs a's room while a is between its download and the engine: a must not go.
+    with pytest.raises(CacheFull):
+        await asyncio.wait_for(registry.acquire("acme/b", "hub", None), 10)
+    engine.finish.set()
+    lease = await asyncio.wait_for(loading_a, 30)
+    assert lease.loaded.entry.path.is_dir()
+    assert hub.hits[("acme/a", "adapter_model.safetensors")] == 1
+    lease.release()
