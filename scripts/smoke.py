@@ -16,8 +16,9 @@ embedded model's conversion really run. Steps:
 3. a chat answers "Berlin"; a streamed completion is well-formed SSE ending in
    ``[DONE]``; a forced tool call (structured output) parses; a local adapter
    answers through the adapter path (disk cache, validation, LoRARequest);
-4. SIGTERM stops the server and all its processes, and the log of this normal
-   start and stop holds no error.
+4. SIGTERM during a stream lets the stream finish (400 tokens, [DONE]), new
+   requests are refused, the server and all its processes exit, and the log
+   of this normal start and stop holds no error.
 
 Exit status 0 when every step passed; otherwise 1, with the server log's tail.
 """
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "src" / "loraserve"
 ADAPTER_NAME = "smoke-lora"
+STREAM_TOKENS = 400
 
 
 class SmokeFailure(Exception):
@@ -220,6 +223,48 @@ def forced_tool_call_parses(v1: str) -> None:
     check("city" in json.loads(calls[0]["function"]["arguments"]), f"tool arguments: {calls[0]}")
 
 
+def sigterm_lets_a_running_stream_finish(v1: str, server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM mid-stream: the stream still ends with its finish_reason and [DONE], then the server exits."""
+    # Longer than uvicorn's own grace period (it used to cut such a stream after 5 s without [DONE]).
+    body = {"model": "", "prompt": "Once upon a time", "max_tokens": STREAM_TOKENS, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    request = urllib.request.Request(
+        f"{v1}/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    first_chunk = threading.Event()
+    events: list[str] = []
+
+    def read() -> None:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    events.append(line[len("data: ") :])
+                    first_chunk.set()
+        first_chunk.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    check(first_chunk.wait(60), "the stream sent nothing")
+    server.send_signal(signal.SIGTERM)
+    reader.join(120)
+    check(events[-1:] == ["[DONE]"], f"the stream did not end with [DONE]: {events[-3:]}")
+    chunks = [json.loads(event) for event in events[:-1]]
+    check(all("error" not in chunk for chunk in chunks), f"the stream was cut: {chunks[-1]}")
+    check(
+        chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == STREAM_TOKENS, f"{len(chunks)} chunks"
+    )
+    try:
+        status, _ = post(f"{v1}/completions", {"model": "", "prompt": "x", "max_tokens": 1}, timeout=10)
+        check(status == 503, f"a new request while stopping answered {status}, not 503")
+    except (urllib.error.URLError, OSError):
+        pass  # the listening socket is closed already: refused, as wanted
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired as exc:
+        raise SmokeFailure("the server did not exit within 60 s of SIGTERM") from exc
+
+
 def log_is_clean(log: Path) -> None:
     lines = log.read_text(errors="replace").splitlines()
     bad = [line for line in lines if " ERROR " in line or "Traceback" in line or line.startswith("ERROR")]
@@ -285,9 +330,11 @@ def main() -> int:
                 step()
                 print(f"ok   {name} ({time.monotonic() - started:.1f} s)")
             started = time.monotonic()
+            sigterm_lets_a_running_stream_finish(v1, server)
             stop(server)
             server = None
-            print(f"ok   the server stopped {time.monotonic() - started:.1f} s after SIGTERM")
+            elapsed = time.monotonic() - started
+            print(f"ok   SIGTERM mid-stream: the stream finished, the server exited {elapsed:.1f} s later")
             log_is_clean(log)
             print("ok   a normal start and stop logged no error")
         except SmokeFailure as failure:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from loraserve.header_limit import HeaderLimitMiddleware
 from loraserve.models import ModelCatalog
 from loraserve.routes import openai, system
 from loraserve.services import Services
+from loraserve.shutdown import Drain, DrainMiddleware
 from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer, start_sandbox, stop_sandbox
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 except Exception:
                     logger.exception("could not preload adapter %s", spec)
             catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
-            app.state.services = Services(settings, running, catalog, Generator(running, catalog, settings.max_n))
+            drain.attach(asyncio.get_running_loop())
+            generator = Generator(running, catalog, settings.max_n, drain)
+            app.state.services = Services(settings, running, catalog, generator)
             logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
             yield
         finally:
@@ -91,10 +95,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if engine is None:
                 await running.shutdown()
 
+    drain = Drain(settings.shutdown_timeout)
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
+    app.state.drain = drain  # the CLI's server calls drain.begin() when a stop signal arrives
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(system.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(HeaderLimitMiddleware)  # added last, so it runs first
     return app

@@ -10,10 +10,14 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
+
+import uvicorn
 
 from loraserve import __version__, logs
 from loraserve.config import Settings
+from loraserve.shutdown import Drain
 from loraserve.torch_extras import hide_unloadable
 
 _ENV_PREFIX = "LORASERVE_"
@@ -183,15 +187,29 @@ def main(argv: Sequence[str] | None = None) -> None:
             ", ".join(hidden),
             " ".join(hidden),
         )
-    import uvicorn
-
     from loraserve.app import create_app
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines go through our format (logs.configure), one per request
-        timeout_graceful_shutdown=5,
+        # Our own deadline ends running requests cleanly first; this only bounds a connection that hangs.
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
     )
+    _DrainingServer(config, app.state.drain).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, which also tells the app to drain the moment a stop signal arrives
+    (uvicorn's own lifespan shutdown comes only after every connection has closed)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._drain.begin()
+        super().handle_exit(sig, frame)

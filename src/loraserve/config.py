@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     health_timeout: float = Field(
         10.0, gt=0, description="Seconds /health waits for the engine to answer before reporting 503."
     )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds running requests get to finish after SIGTERM or Ctrl-C (new ones are 503 at once); "
+        "then they are ended, streams with an in-band error and [DONE].",
+    )
     log_level: LogLevel = Field("info", description="Log level.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict,

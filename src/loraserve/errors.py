@@ -13,7 +13,8 @@
     ├── CacheFull                       507 code=adapter_cache_full
     ├── EngineUnavailable               503 service_unavailable
     │   ├── SourceUnavailable           503 code=adapter_source_unavailable
-    │   └── ServerBusy                  503 code=server_busy
+    │   ├── ServerBusy                  503 code=server_busy
+    │   └── ServerShuttingDown          503 code=server_shutting_down
     └── EngineFailure                   500 server_error
 
 Handlers raise these; they never build error responses by hand, and nothing
@@ -124,6 +125,10 @@ class SourceUnavailable(EngineUnavailable):
 class ServerBusy(EngineUnavailable):
     code = "server_busy"
     retry_after = 1
+
+
+class ServerShuttingDown(EngineUnavailable):
+    code = "server_shutting_down"
 
 
 class EngineFailure(LoraserveError):

@@ -38,6 +38,7 @@ from loraserve.errors import (
 )
 from loraserve.models import ModelCatalog, ModelTarget
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from loraserve.shutdown import Drain
 from loraserve.structured import response_format_constraint
 from loraserve.tools import ToolPlan, plan_tools
 
@@ -100,10 +101,11 @@ class FinishedCompletion:
 
 
 class Generator:
-    def __init__(self, engine: Engine, catalog: ModelCatalog, max_n: int = 8) -> None:
+    def __init__(self, engine: Engine, catalog: ModelCatalog, max_n: int = 8, drain: Drain | None = None) -> None:
         self._engine = engine
         self._catalog = catalog
         self._max_n = max_n
+        self._drain = drain
 
     # -- preparing --------------------------------------------------------
 
@@ -323,7 +325,9 @@ class Generator:
         ]
         try:
             async with aclosing(_merge(streams)) as merged:
-                async for call_index, delta in merged:
+                # A stopping server ends what is still running at its deadline (one place for every door).
+                source = merged if self._drain is None else self._drain.until_expired(merged)
+                async for call_index, delta in source:
                     for copy in range(prepared.copies):
                         yield call_index, delta if copy == 0 else replace(delta, index=copy)
         except EngineRejected as exc:
