@@ -42,7 +42,9 @@ def _start_vllm(model_path: str, served_name: str, settings: Settings) -> Engine
 def _adapter_registry(settings: Settings, engine: Engine, base: BaseModel, base_chat: ChatFormat) -> AdapterRegistry:
     from huggingface_hub import get_token
 
-    store = AdapterStore(settings.adapter_cache_path(), int(settings.adapter_cache_size))
+    store = AdapterStore(
+        settings.adapter_cache_path(), int(settings.adapter_cache_size), wait_timeout=settings.adapter_wait_timeout
+    )
     store.open()
     sources: dict[SourceKind, Source] = {
         "hub": HubSource(settings.adapter_source_timeout),

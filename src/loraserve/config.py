@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Seconds a resolved adapter version and a requester's access to it are trusted before "
         "the source is asked again (a moved branch is seen after at most this long).",
     )
+    adapter_wait_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a new adapter waits, in arrival order, for adapters in use to free room in the cache "
+        "before its request is a 507 with Retry-After.",
+    )
     adapter_source_timeout: float = Field(
         20.0,
         gt=0,

@@ -80,10 +80,17 @@ def _folder_size(folder: Path) -> int:
 
 class AdapterStore:
     def __init__(
-        self, root: Path, budget: int, on_evict: Callable[[CacheEntry], Awaitable[None]] | None = None
+        self,
+        root: Path,
+        budget: int,
+        on_evict: Callable[[CacheEntry], Awaitable[None]] | None = None,
+        wait_timeout: float = 0.0,
     ) -> None:
         self.root = root
         self.budget = budget
+        # How long a download waits for adapters in use to free room before a 507 (--adapter-wait-timeout).
+        self.wait_timeout = wait_timeout
+        self._room_freed = asyncio.Event()
         self._entries: dict[str, CacheEntry] = {}
         self._downloads: SingleFlight[CacheEntry] = SingleFlight()
         self._room = asyncio.Lock()
@@ -159,6 +166,13 @@ class AdapterStore:
             yield entry
         finally:
             entry.leases -= 1
+            if entry.leases == 0:
+                self._signal_room()
+
+    def _signal_room(self) -> None:
+        """Wake downloads waiting for room (they check again, in the order they came: the lock is FIFO)."""
+        self._room_freed.set()
+        self._room_freed = asyncio.Event()
 
     def touch(self, entry: CacheEntry) -> None:
         entry.last_used = time.time()
@@ -204,9 +218,7 @@ class AdapterStore:
                 f"(--adapter-cache-size {self.budget} bytes)",
                 param="model",
             )
-        async with self._room:
-            await self._make_room(need)
-            self._reserved += need
+        await self._reserve(snapshot, need)
         work = self._tmp_dir / f"{snapshot.key}.{uuid.uuid4().hex}.incomplete"
         try:
             self._make_dirs()  # the cache folder may have been deleted under us
@@ -234,6 +246,7 @@ class AdapterStore:
             logger.info("cached adapter %s (%d bytes) in %.2f s", snapshot.root, entry.size, time.monotonic() - started)
         finally:
             self._reserved -= need
+            self._signal_room()
             shutil.rmtree(work, ignore_errors=True)
         if entry.size > need:
             # The source understated the size: restore the budget now, sparing the new entry.
@@ -242,11 +255,30 @@ class AdapterStore:
                     await self._make_room(0)
         return entry
 
+    async def _reserve(self, snapshot: Snapshot, need: int) -> None:
+        """Make room for ``need`` bytes and hold it; wait (up to wait_timeout) while adapters in use fill it."""
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            freed = self._room_freed
+            remaining = deadline - time.monotonic()
+            async with self._room:
+                if remaining <= 0 or plan_eviction(self.entries(), need + self._reserved, self.budget) is not None:
+                    await self._make_room(need)  # CacheFull (with Retry-After) when there is still no room
+                    self._reserved += need
+                    return
+            logger.info("adapter %s waits for room in the cache (adapters in use fill it)", snapshot.ref.display())
+            try:
+                await asyncio.wait_for(freed.wait(), remaining)
+            except TimeoutError:
+                pass
+
     async def _make_room(self, need: int) -> None:
         victims = plan_eviction(self.entries(), need + self._reserved, self.budget)
         if victims is None:
             raise CacheFull(
-                "The adapter cache is full of adapters that requests are using right now; try again shortly."
+                "The adapter cache is full of adapters that requests are using right now"
+                + (f" (waited {self.wait_timeout:g} s for room)" if self.wait_timeout else "")
+                + "; try again shortly."
             )
         for victim in victims:
             await self.evict(victim)

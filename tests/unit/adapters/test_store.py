@@ -136,3 +136,46 @@ async def test_a_pinned_entry_is_never_evicted(tmp_path: Path) -> None:
     with pytest.raises(CacheFull):
         await store.ensure(_snapshot("b", 600), _writer(600), lambda _: None)
     assert store.get(pinned.key) is pinned and pinned.path.exists()
+
+
+async def test_a_download_waits_for_room_until_an_adapter_in_use_is_released(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 1000, wait_timeout=30)
+    store.open()
+    busy = await store.ensure(_snapshot("a", 600), _writer(600), lambda _: None)
+    with store.lease(busy):
+        waiting = asyncio.create_task(store.ensure(_snapshot("b", 600), _writer(600), lambda _: None))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no 507 at once: it waits for room
+    entry = await asyncio.wait_for(waiting, 10)  # the lease ended: "a" is evicted, "b" fits
+    assert entry.ref.name == "org/b" and store.get(busy.key) is None
+
+
+async def test_waiters_get_room_in_arrival_order(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 1000, wait_timeout=30)
+    store.open()
+    busy = await store.ensure(_snapshot("a", 900), _writer(900), lambda _: None)
+    done: list[str] = []
+
+    async def fetch(name: str) -> None:
+        entry = await store.ensure(_snapshot(name, 900), _writer(900), lambda _: None)
+        done.append(name)
+        with store.lease(entry):
+            await asyncio.sleep(0.05)
+
+    with store.lease(busy):
+        tasks = []
+        for name in ("first", "second", "third"):
+            tasks.append(asyncio.create_task(fetch(name)))
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert done == ["first", "second", "third"]
+
+
+async def test_after_the_wait_timeout_a_full_cache_is_507_with_retry_after(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 1000, wait_timeout=0.3)
+    store.open()
+    busy = await store.ensure(_snapshot("a", 600), _writer(600), lambda _: None)
+    with store.lease(busy), pytest.raises(CacheFull) as raised:
+        await asyncio.wait_for(store.ensure(_snapshot("b", 600), _writer(600), lambda _: None), 10)
+    assert raised.value.retry_after is not None and "waited" in raised.value.message
+    assert store.used_bytes <= 1000
