@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect
 from loraserve.base_model import BaseModel
 from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
-from loraserve.protocol.requests import ChatCompletionRequest
+from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
 from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
 from loraserve.routes.openai import _chat_events
 from loraserve.templates import ChatFormat, load_tokenizer
@@ -39,6 +39,8 @@ async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path)
 
 
 class _GoneRequest:
+    headers: dict[str, str] = {}
+
     async def is_disconnected(self) -> bool:
         return True
 
@@ -82,3 +84,17 @@ async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_
         pass
     assert engine.aborted == [prepared.request_id]
     assert released
+
+
+async def test_a_stream_whose_client_leaves_before_the_first_token_is_aborted(model_dir: Path) -> None:
+    from loraserve.config import Settings
+    from loraserve.routes.openai import completions
+    from loraserve.services import Services
+
+    engine = FakeEngine(delay=5.0)  # a long prefill: the first token is seconds away
+    generator = _generator(engine, model_dir)
+    services = Services(Settings(model=str(model_dir)), engine, generator._catalog, generator)
+    body = CompletionRequest(model="", prompt="hello", max_tokens=5, stream=True)
+    response = await asyncio.wait_for(completions(body, _GoneRequest(), services), 3)  # type: ignore[arg-type]
+    assert response.status_code == 499
+    assert len(engine.aborted) == 1 and engine.running == set()

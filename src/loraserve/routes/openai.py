@@ -91,6 +91,19 @@ async def _finish_plain(
         prepared.release()
 
 
+async def _open_stream(request: Request, services: Services, prepared: PreparedRequest) -> PrimedStream | Response:
+    """The stream, once its first token is there; a client that leaves before it aborts the request
+    (prefill can take seconds, and nothing is sent that would notice the client is gone)."""
+    try:
+        return await cancel_on_disconnect(request, services.generator.open_stream(prepared))
+    except ClientDisconnected:
+        prepared.release()
+        return Response(status_code=_CLIENT_GONE)
+    except BaseException:
+        prepared.release()
+        raise
+
+
 def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
     return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
@@ -105,7 +118,9 @@ async def chat_completions(
     prepared = await services.generator.prepare_chat(body, hub_token(body.api_token, request))
     created = int(time.time())
     if body.stream:
-        deltas = await services.generator.open_stream(prepared)
+        deltas = await _open_stream(request, services, prepared)
+        if isinstance(deltas, Response):
+            return deltas
         return _EventStream(
             _chat_events(prepared, deltas, created, prepared.target.name, body.include_usage()), prepared, deltas
         )
@@ -223,7 +238,9 @@ async def completions(
     prepared = await services.generator.prepare_completion(body, hub_token(body.api_token, request))
     created = int(time.time())
     if body.stream:
-        deltas = await services.generator.open_stream(prepared)
+        deltas = await _open_stream(request, services, prepared)
+        if isinstance(deltas, Response):
+            return deltas
         events = _completion_events(prepared, deltas, created, prepared.target.name, body.include_usage())
         return _EventStream(events, prepared, deltas)
     done = await _finish_plain(request, services, prepared)
