@@ -124,19 +124,38 @@ async def render_chat(
 
 
 async def _run(source: str, context: dict[str, Any]) -> template_sandbox.Outcome:
-    for attempt in range(2):
-        pool = _sandbox.pool()
-        try:
-            future = asyncio.wrap_future(pool.submit(template_sandbox.render, source, context))
-            return await asyncio.wait_for(future, RENDER_SECONDS)
-        except TimeoutError as exc:
-            _sandbox.replace(pool)
-            raise InvalidRequest(
-                f"The chat template took longer than {RENDER_SECONDS:.0f} s to render.", param="messages"
-            ) from exc
-        except BrokenProcessPool as exc:
-            # Another request's runaway template took this pool down, or this one crashed its worker.
-            _sandbox.replace(pool)
-            if attempt == 1:
-                raise InvalidRequest("The chat template crashed its sandbox.", param="messages") from exc
+    # One render per worker at a time: a burst queues here, so the time limit counts a render's own
+    # time, never its wait (which turned bursts into 400s and killed healthy workers).
+    async with _slots():
+        for attempt in range(2):
+            pool = _sandbox.pool()
+            submitted = pool.submit(template_sandbox.render, source, context)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(submitted), RENDER_SECONDS)
+            except TimeoutError as exc:
+                _sandbox.replace(pool)
+                raise InvalidRequest(
+                    f"The chat template took longer than {RENDER_SECONDS:g} s to render.", param="messages"
+                ) from exc
+            except (BrokenProcessPool, asyncio.CancelledError) as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+                    raise  # this request was cancelled (its client left), not its render
+                # Another request's runaway template took this pool down (its queued work is cancelled
+                # with it), or this one crashed its worker: once more on a fresh pool.
+                _sandbox.replace(pool)
+                if attempt == 1:
+                    raise InvalidRequest("The chat template crashed its sandbox.", param="messages") from exc
     raise AssertionError("unreachable")
+
+
+_slot_semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def _slots() -> asyncio.Semaphore:
+    """The render slots of the running loop (tests run several loops; the server one)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _slot_semaphores:
+        _slot_semaphores.clear()  # loops come and go in tests; only the current one matters
+        _slot_semaphores[loop] = asyncio.Semaphore(_WORKERS)
+    return _slot_semaphores[loop]

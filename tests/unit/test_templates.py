@@ -89,3 +89,24 @@ async def test_rendering_matches_transformers_for_real_templates(tmp_path: Path)
     assert await render_chat(ChatFormat(tokenizer, with_tools), USER, tools) == tokenizer.apply_chat_template(
         USER, tools=tools, chat_template=with_tools, tokenize=False, add_generation_prompt=True
     )
+
+
+async def test_a_burst_of_renders_is_timed_per_render_not_from_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from loraserve import templates
+
+    # About 0.2 s of work per render here (the `*` goes through the sandbox's guarded operator).
+    slow = (
+        "{% for i in range(600) %}{% for j in range(600) %}{% set x = i * j %}{% endfor %}{% endfor %}"
+        "{{ messages[0]['content'] }}"
+    )
+    chat = ChatFormat(load_tokenizer(make_tokenizer_dir(tmp_path / "slow", chat_template=slow)))
+    await asyncio.gather(render_chat(chat, USER), render_chat(chat, USER))  # both workers compile it once
+    # Every render fits 1 s with room to spare; twelve at once on two workers take about 1.2 s in all,
+    # so the last ones wait longer than the limit in the queue: that wait must not count.
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 1.0)
+    results = await asyncio.gather(*(render_chat(chat, USER) for _ in range(12)), return_exceptions=True)
+    assert [r for r in results if not isinstance(r, str)] == []
