@@ -4,10 +4,15 @@ Layout under the cache folder::
 
     entries/<key>/           one checked adapter snapshot (key = source, name and pinned version)
         .loraserve-entry.json   what it is; its mtime is the last use
-    tmp/<key>.<uuid>.incomplete/   downloads in progress; swept at start
+    tmp/<key>.<pid>.<uuid>.incomplete/   downloads in progress; swept at start if <pid> is gone
+    locks/<key>.lock          held while an entry is written or removed
 
 A download is fetched into ``tmp/``, checked, then renamed into ``entries/``
-in one ``os.replace``: a crash at any moment leaves no half entry. The byte
+in one ``os.replace``: a crash at any moment leaves no half entry. Several
+servers may share the folder (the default is one per user): a file lock per
+entry (filelock, as huggingface_hub does) makes one of them download while the
+others wait and then adopt the entry from disk, and a server starting up
+removes only the temporary folders of processes that are gone. The byte
 budget holds before a download (sizes are known from the source) and after
 it. Least recently used entries go first; an entry with leases (requests in
 flight) or pinned is never evicted.
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from filelock import FileLock
 
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.single_flight import SingleFlight
@@ -98,6 +104,7 @@ class AdapterStore:
         self._on_evict = on_evict
         self._entries_dir = root / "entries"
         self._tmp_dir = root / "tmp"
+        self._locks_dir = root / "locks"
 
     def set_evict_hook(self, on_evict: Callable[[CacheEntry], Awaitable[None]]) -> None:
         """Called before an entry leaves the disk (the registry drops it from the engine)."""
@@ -107,8 +114,10 @@ class AdapterStore:
 
     def open(self) -> None:
         """Sweep leftovers of interrupted downloads, then rebuild the index from disk."""
-        shutil.rmtree(self._tmp_dir, ignore_errors=True)
         self._make_dirs()
+        for leftover in self._tmp_dir.iterdir():
+            if not _owner_alive(leftover.name):  # another server's download in progress stays
+                shutil.rmtree(leftover, ignore_errors=True)
         for folder in self._entries_dir.iterdir():
             entry = self._read_entry(folder)
             if entry is None:
@@ -219,9 +228,17 @@ class AdapterStore:
                 param="model",
             )
         await self._reserve(snapshot, need)
-        work = self._tmp_dir / f"{snapshot.key}.{uuid.uuid4().hex}.incomplete"
+        work = self._tmp_dir / f"{snapshot.key}.{os.getpid()}.{uuid.uuid4().hex}.incomplete"
+        lock = self._lock(snapshot.key)
         try:
             self._make_dirs()  # the cache folder may have been deleted under us
+            # Another server sharing the folder may be writing this very entry: wait for it, then adopt it.
+            await anyio.to_thread.run_sync(lock.acquire)
+            adopted = self._read_entry(self._entries_dir / snapshot.key)
+            if adopted is not None:
+                self._entries[adopted.key] = adopted
+                logger.info("adapter %s was cached by another server sharing the folder", snapshot.root)
+                return adopted
             work.mkdir()
             started = time.monotonic()
             await anyio.to_thread.run_sync(fetch, work)
@@ -245,6 +262,8 @@ class AdapterStore:
             self._entries[entry.key] = entry
             logger.info("cached adapter %s (%d bytes) in %.2f s", snapshot.root, entry.size, time.monotonic() - started)
         finally:
+            if lock.is_locked:
+                lock.release()
             self._reserved -= need
             self._signal_room()
             shutil.rmtree(work, ignore_errors=True)
@@ -291,14 +310,33 @@ class AdapterStore:
         if self._on_evict is not None:
             await self._on_evict(entry)
         # Rename first so the entry vanishes at once; the slow delete happens after.
-        doomed = self._tmp_dir / f"{entry.key}.{uuid.uuid4().hex}.evicted"
+        doomed = self._tmp_dir / f"{entry.key}.{os.getpid()}.{uuid.uuid4().hex}.evicted"
         try:
             self._make_dirs()
-            os.replace(entry.path, doomed)
+            with self._lock(entry.key):  # not while another server sharing the folder writes it
+                os.replace(entry.path, doomed)
         except FileNotFoundError:  # deleted under us already
             return
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(doomed, ignore_errors=True))
 
     def _make_dirs(self) -> None:
-        self._entries_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self._entries_dir, self._tmp_dir, self._locks_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _lock(self, key: str) -> FileLock:
+        # thread_local=False: acquired in a worker thread, released on the event loop's.
+        return FileLock(str(self._locks_dir / f"{key}.lock"), thread_local=False)
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that named a temporary folder ``<key>.<pid>.<uuid>.<kind>`` still runs."""
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False  # an older layout or a stray: nobody owns it
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True

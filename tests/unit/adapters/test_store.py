@@ -179,3 +179,36 @@ async def test_after_the_wait_timeout_a_full_cache_is_507_with_retry_after(tmp_p
         await asyncio.wait_for(store.ensure(_snapshot("b", 600), _writer(600), lambda _: None), 10)
     assert raised.value.retry_after is not None and "waited" in raised.value.message
     assert store.used_bytes <= 1000
+
+
+async def test_two_servers_on_one_cache_folder_share_a_download_without_errors(tmp_path: Path) -> None:
+    first, second = AdapterStore(tmp_path, 10_000), AdapterStore(tmp_path, 10_000)
+    first.open()
+    second.open()
+    snapshot = _snapshot("a", 100)
+    entries = await asyncio.gather(
+        first.ensure(snapshot, _writer(100), lambda _: None), second.ensure(snapshot, _writer(100), lambda _: None)
+    )
+    assert entries[0].path == entries[1].path and (entries[0].path / "weights").read_bytes() == b"x" * 100
+    assert [p.name for p in (tmp_path / "entries").iterdir()] == [snapshot.key]
+
+
+async def test_opening_the_cache_keeps_downloads_of_live_owners_and_sweeps_dead_ones(tmp_path: Path) -> None:
+    first = AdapterStore(tmp_path, 10_000)
+    first.open()
+    gate = threading.Event()
+
+    def slow_fetch(dest: Path) -> None:
+        gate.wait(10)
+        (dest / "weights").write_bytes(b"x" * 10)
+
+    downloading = asyncio.create_task(first.ensure(_snapshot("a", 10), slow_fetch, lambda _: None))
+    while not list((tmp_path / "tmp").iterdir()):
+        await asyncio.sleep(0.01)
+    dead = tmp_path / "tmp" / "deadbeef.999999999.0123.incomplete"  # a pid no process has
+    dead.mkdir()
+    AdapterStore(tmp_path, 10_000).open()  # a second server starts on the same folder
+    assert not dead.exists()
+    gate.set()
+    entry = await asyncio.wait_for(downloading, 10)  # the first server's download was left alone
+    assert (entry.path / "weights").exists()
