@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraserve.errors import ServerShuttingDown, error_response
@@ -60,13 +61,12 @@ class Drain:
         if self.expired:
             raise ServerShuttingDown("The server is shutting down; retry on another server.")
         expiry = asyncio.ensure_future(self._expired.wait())
+        item: asyncio.Future[T] | None = None
         try:
             while True:
                 item = asyncio.ensure_future(anext(source))
                 await asyncio.wait({item, expiry}, return_when=asyncio.FIRST_COMPLETED)
                 if not item.done():
-                    item.cancel()
-                    await asyncio.gather(item, return_exceptions=True)
                     raise ServerShuttingDown(
                         "The server is shutting down and ended this request before it finished; "
                         "retry on another server."
@@ -78,6 +78,13 @@ class Drain:
                 yield value
         finally:
             expiry.cancel()
+            # However this ends (the deadline, or the request cancelled because its client left), the
+            # source must not be left running inside a task: its owner closes it next, which aborts the
+            # engine request, and closing a generator that still runs elsewhere fails.
+            if item is not None and not item.done():
+                item.cancel()
+                with anyio.CancelScope(shield=True):  # a cancelled anyio scope would cancel this wait too
+                    await asyncio.gather(item, return_exceptions=True)
 
 
 class DrainMiddleware:

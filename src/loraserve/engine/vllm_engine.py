@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import anyio
 from vllm import SamplingParams
 from vllm import __version__ as vllm_version
 from vllm.config import StructuredOutputsConfig
@@ -274,10 +275,14 @@ class VllmEngine:
         except GracefulHTTPError as exc:  # admission control: --max-num-queued-reqs / -tokens
             raise EngineBusy(str(exc)) from exc
         finally:
-            # AsyncLLM aborts on cancellation; an early aclose() must abort too.
+            # AsyncLLM aborts on cancellation; an early aclose() must abort too. Shielded: under a
+            # cancelled anyio scope (a streaming response whose client left) every await is cancelled
+            # again, and an abort that never reaches the engine leaves the request running there while
+            # its adapter's lease is released, so the adapter's files can be evicted under it.
             if not finished:
-                await stream.aclose()
-                await self._llm.abort(request_id)
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                    await self._llm.abort(request_id)
 
     async def check_health(self) -> None:
         if self._llm.errored:
