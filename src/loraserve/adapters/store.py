@@ -311,10 +311,14 @@ class AdapterStore:
             await self._on_evict(entry)
         # Rename first so the entry vanishes at once; the slow delete happens after.
         doomed = self._tmp_dir / f"{entry.key}.{os.getpid()}.{uuid.uuid4().hex}.evicted"
-        try:
+
+        def move_aside() -> None:
             self._make_dirs()
             with self._lock(entry.key):  # not while another server sharing the folder writes it
                 os.replace(entry.path, doomed)
+
+        try:
+            await anyio.to_thread.run_sync(move_aside)  # in a thread: the lock may be held a moment
         except FileNotFoundError:  # deleted under us already
             return
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(doomed, ignore_errors=True))
