@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,9 +72,6 @@ class PreparedRequest:
     def samples_per_call(self) -> int:
         return self.options.n * self.copies
 
-    def release(self) -> None:
-        self.target.release()
-
     @property
     def prompt_tokens(self) -> int:
         return sum(len(call.prompt_token_ids) for call in self.calls)
@@ -109,7 +106,11 @@ class Generator:
 
     # -- preparing --------------------------------------------------------
 
-    async def prepare_chat(self, body: ChatCompletionRequest, hub_token: str | None = None) -> PreparedRequest:
+    @asynccontextmanager
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, hub_token: str | None = None
+    ) -> AsyncIterator[PreparedRequest]:
+        """The engine request for a chat body, with its model held until the ``async with`` ends."""
         _log_unknown_fields(body)
         self._check_n(body.n, "n")
         tools = plan_tools(body)
@@ -121,8 +122,7 @@ class Generator:
                     param="response_format",
                 )
             structured = tools.constraint
-        target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
-        try:
+        async with self._catalog.resolve(body.model, body.adapter_source, hub_token) as target:
             messages = [_message_dict(m) for m in body.messages]
             tool_specs = tools.template_tools if tools else None
             text = await templates.render_chat(target.chat, messages, tool_specs)
@@ -140,14 +140,13 @@ class Generator:
             )
             options, copies = _greedy_copies(options)
             call = EngineCall(f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "")
-            return PreparedRequest(
-                call.request_id, target, [call], options, body.n, False, body.logprobs, tools, copies
-            )
-        except BaseException:
-            target.release()
-            raise
+            yield PreparedRequest(call.request_id, target, [call], options, body.n, False, body.logprobs, tools, copies)
 
-    async def prepare_completion(self, body: CompletionRequest, hub_token: str | None = None) -> PreparedRequest:
+    @asynccontextmanager
+    async def prepare_completion(
+        self, body: CompletionRequest, hub_token: str | None = None
+    ) -> AsyncIterator[PreparedRequest]:
+        """The engine requests for a completions body, with its model held until the ``async with`` ends."""
         _log_unknown_fields(body)
         if body.suffix:
             raise UnsupportedParameter("`suffix` (insertion) is not supported by this server.", param="suffix")
@@ -162,8 +161,7 @@ class Generator:
             raise InvalidRequest("The prompt is empty.", param="prompt")
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
-        target = await self._catalog.resolve(body.model, body.adapter_source, hub_token)
-        try:
+        async with self._catalog.resolve(body.model, body.adapter_source, hub_token) as target:
             tokenizer = target.chat.tokenizer
             encoded = [await self._encode_prompt(tokenizer, p) for p in prompts]
             room = min(self._room(len(ids), body.max_tokens, "prompt", "max_tokens") for ids, _ in encoded)
@@ -180,12 +178,9 @@ class Generator:
             options, copies = _greedy_copies(options)
             response_id = f"cmpl-{uuid.uuid4().hex}"
             calls = [EngineCall(f"{response_id}-{i}", ids, text) for i, (ids, text) in enumerate(encoded)]
-            return PreparedRequest(
+            yield PreparedRequest(
                 response_id, target, calls, options, body.n, body.echo, body.logprobs is not None, None, copies
             )
-        except BaseException:
-            target.release()
-            raise
 
     def _check_n(self, n: int, param: str) -> None:
         if n > self._max_n:
@@ -341,8 +336,6 @@ class Generator:
         except Exception as exc:
             logger.exception("generation %s failed", prepared.request_id)
             raise EngineFailure("The engine failed while generating; the request was not completed.") from exc
-        finally:
-            prepared.release()
 
 
 async def _merge(

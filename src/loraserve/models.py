@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from loraserve.adapters.ref import SourceKind
-from loraserve.adapters.registry import AdapterLease, AdapterRegistry
+from loraserve.adapters.registry import AdapterRegistry
 from loraserve.base_model import BaseModel
 from loraserve.engine import LoraTarget
 from loraserve.errors import ModelNotFound
@@ -15,18 +17,12 @@ from loraserve.protocol.responses import ModelCard
 from loraserve.templates import ChatFormat
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelTarget:
     requested: str
     name: str  # the model that answers, as responses report it: the served base name, or the adapter's
     chat: ChatFormat
     lora: LoraTarget | None = None
-    lease: AdapterLease | None = None
-
-    def release(self) -> None:
-        """End the request's hold on its adapter; safe to call more than once."""
-        if self.lease is not None:
-            self.lease.release()
 
 
 class ModelCatalog:
@@ -43,14 +39,26 @@ class ModelCatalog:
     def base(self) -> BaseModel:
         return self._base
 
-    async def resolve(self, requested: str, source: SourceKind = "hub", token: str | None = None) -> ModelTarget:
+    @asynccontextmanager
+    async def resolve(
+        self, requested: str, source: SourceKind = "hub", token: str | None = None
+    ) -> AsyncIterator[ModelTarget]:
+        """The model a request names, held for as long as the ``async with`` lasts.
+
+        The one owner of an adapter's lease: it is taken here and released on exit, whatever
+        happens in between, so no path can leak it or release it twice.
+        """
         if requested in self._base.names():
-            return ModelTarget(requested, self._base.served_name, self._base_chat)
+            yield ModelTarget(requested, self._base.served_name, self._base_chat)
+            return
         if self._adapters is None:
             raise ModelNotFound(requested)
         lease = await self._adapters.acquire(requested, source, token)
-        loaded = lease.loaded
-        return ModelTarget(requested, requested, loaded.chat or self._base_chat, loaded.target, lease)
+        try:
+            loaded = lease.loaded
+            yield ModelTarget(requested, requested, loaded.chat or self._base_chat, loaded.target)
+        finally:
+            lease.release()
 
     def adapter_status(self) -> dict[str, Any]:
         if self._adapters is None:

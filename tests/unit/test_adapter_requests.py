@@ -97,6 +97,34 @@ def test_leases_are_released_after_each_request(adapter_client: TestClient) -> N
     assert all(entry.leases == 0 for entry in services.catalog._adapters.entries())
 
 
+def test_every_way_a_request_ends_releases_its_adapter_exactly_once(
+    adapter_client: TestClient, engine: FakeEngine
+) -> None:
+    def in_flight() -> int:
+        return sum(row["in_flight"] for row in adapter_client.get("/v1/adapters").json()["data"])
+
+    base = {"model": "plain", "adapter_source": "local", "max_tokens": 2}
+    chat, completion = {**base, "messages": USER}, {**base, "prompt": "hello"}
+    endings = [
+        ("plain chat", CHAT, chat, 200),
+        ("streamed chat", CHAT, {**chat, "stream": True}, 200),
+        ("streamed completion", "/v1/completions", {**completion, "stream": True}, 200),
+        ("after resolving, the context is too small", CHAT, {**chat, "max_tokens": 5000}, 400),
+        ("min_tokens above max_tokens", "/v1/completions", {**completion, "min_tokens": 9}, 400),
+    ]
+    for name, route, body, status in endings:
+        assert adapter_client.post(route, json=body).status_code == status, name
+        assert in_flight() == 0, name
+    engine.fail_with = RuntimeError("boom")  # the engine fails at admission
+    assert adapter_client.post(CHAT, json={**chat, "stream": True}).status_code == 500
+    assert adapter_client.post(CHAT, json=chat).status_code == 500
+    assert in_flight() == 0
+    engine.fail_with, engine.fail_after = RuntimeError("boom"), 1  # and mid-stream
+    response = adapter_client.post(CHAT, json={**chat, "stream": True})
+    assert '"error"' in response.text and response.text.rstrip().endswith("data: [DONE]")
+    assert in_flight() == 0
+
+
 def test_adapters_route_reports_cache_and_cold_load_timings(adapter_client: TestClient) -> None:
     _chat(adapter_client, "plain")
     body = adapter_client.get("/v1/adapters").json()

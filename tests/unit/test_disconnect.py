@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from starlette.requests import ClientDisconnect
@@ -28,14 +29,15 @@ async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path)
     engine = FakeEngine(delay=0.01)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
-    prepared = await generator.prepare_chat(body)
-    events = _chat_events(prepared, await generator.open_stream(prepared), 0, "", False)
-    await events.__anext__()
-    await events.__anext__()
-    assert engine.running == {prepared.request_id}
-    await events.aclose()  # what Starlette does when the client disconnects
-    assert engine.aborted == [prepared.request_id]
-    assert engine.running == set()
+    async with generator.prepare_chat(body) as prepared:
+        deltas = await generator.open_stream(prepared)
+        events = _chat_events(prepared, deltas, 0, "", False)
+        await events.__anext__()
+        await events.__anext__()
+        assert engine.running == {prepared.request_id}
+        await deltas.aclose()  # what the response does when its client disconnects
+        assert engine.aborted == [prepared.request_id]
+        assert engine.running == set()
 
 
 class _GoneRequest:
@@ -49,13 +51,13 @@ async def test_non_streaming_request_is_aborted_when_the_client_leaves(model_dir
     engine = FakeEngine(delay=0.05)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50)
-    prepared = await generator.prepare_chat(body)
-    try:
-        await cancel_on_disconnect(_GoneRequest(), generator.complete(prepared))  # type: ignore[arg-type]
-    except ClientDisconnected:
-        pass
-    else:
-        raise AssertionError("expected ClientDisconnected")
+    async with generator.prepare_chat(body) as prepared:
+        try:
+            await cancel_on_disconnect(_GoneRequest(), generator.complete(prepared))  # type: ignore[arg-type]
+        except ClientDisconnected:
+            pass
+        else:
+            raise AssertionError("expected ClientDisconnected")
     await asyncio.sleep(0)
     assert engine.aborted == [prepared.request_id]
 
@@ -66,10 +68,12 @@ async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_
     engine = FakeEngine(delay=0.01)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
-    prepared = await generator.prepare_chat(body)
+    held = AsyncExitStack()
+    prepared = await held.enter_async_context(generator.prepare_chat(body))
     deltas = await generator.open_stream(prepared)
+    held.push_async_callback(deltas.aclose)
     released: list[bool] = []
-    prepared.target.release = lambda: released.append(True)  # type: ignore[method-assign]
+    held.callback(lambda: released.append(True))  # stands for the adapter lease, released last
 
     async def receive() -> dict:
         return {"type": "http.disconnect"}
@@ -77,7 +81,7 @@ async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_
     async def send(message: dict) -> None:
         raise OSError("client went away before the response started")
 
-    response = _EventStream(_chat_events(prepared, deltas, 0, "", False), prepared, deltas)
+    response = _EventStream(_chat_events(prepared, deltas, 0, "", False), held)
     try:
         await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)  # type: ignore[arg-type]
     except (OSError, ClientDisconnect):

@@ -73,3 +73,30 @@ def test_requests_that_finish_before_the_deadline_complete(stopping_client: Test
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_request_cancelled_mid_generation_aborts_its_engine_request(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from loraserve.base_model import BaseModel
+    from loraserve.generation import Generator
+    from loraserve.models import ModelCatalog
+    from loraserve.protocol.requests import CompletionRequest
+    from loraserve.shutdown import Drain
+    from loraserve.templates import ChatFormat, load_tokenizer
+
+    engine = FakeEngine(delay=0.05)
+    catalog = ModelCatalog(BaseModel(model_dir, "tiny", "tiny"), 64, ChatFormat(load_tokenizer(model_dir)), None)
+    drain = Drain(30)
+    drain.attach(asyncio.get_running_loop())
+    generator = Generator(engine, catalog, drain=drain)
+    async with generator.prepare_completion(CompletionRequest(model="", prompt="hello", max_tokens=50)) as prepared:
+        task = asyncio.create_task(generator.complete(prepared))
+        await asyncio.sleep(0.2)
+        task.cancel()  # the client left (cancel_on_disconnect)
+        results = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError), results
+    assert engine.aborted == [f"{prepared.request_id}-0"] and engine.running == set()
+    assert "already running" not in caplog.text

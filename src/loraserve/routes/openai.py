@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 _DONE = b"data: [DONE]\n\n"
+# Builds a response's SSE body from its engine stream.
+_EventsFactory = Callable[[PrimedStream], AsyncGenerator[bytes, None]]
 # 499: nginx's "client closed request"; nobody reads it, but logs do.
 _CLIENT_GONE = 499
 
@@ -54,22 +57,20 @@ def _sse(payload: BaseModel) -> bytes:
 
 
 class _EventStream(StreamingResponse):
-    """SSE whose engine request is closed, and adapter released, however the response ends:
-    also when the client leaves before the body's first byte (then the body never runs)."""
+    """SSE that owns what its answer holds (the engine stream, the adapter) and closes it however the
+    response ends: also when the client leaves before the body's first byte (then the body never runs)."""
 
-    def __init__(self, body: AsyncGenerator[bytes, None], prepared: PreparedRequest, deltas: PrimedStream) -> None:
+    def __init__(self, body: AsyncGenerator[bytes, None], held: AsyncExitStack) -> None:
         super().__init__(
             body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        self._prepared = prepared
-        self._deltas = deltas
+        self._held = held
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._deltas.aclose()
-            self._prepared.release()
+            await self._held.aclose()
 
 
 def hub_token(api_token: str | None, request: Request) -> str | None:
@@ -87,21 +88,23 @@ async def _finish_plain(
         return await cancel_on_disconnect(request, services.generator.complete(prepared))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_GONE)
-    finally:
-        prepared.release()
 
 
-async def _open_stream(request: Request, services: Services, prepared: PreparedRequest) -> PrimedStream | Response:
-    """The stream, once its first token is there; a client that leaves before it aborts the request
-    (prefill can take seconds, and nothing is sent that would notice the client is gone)."""
+async def _stream_response(
+    request: Request, services: Services, held: AsyncExitStack, prepared: PreparedRequest, events: _EventsFactory
+) -> Response:
+    """Open the engine stream once its first token is there, and hand everything ``held`` to the response.
+
+    A client that leaves before the first token aborts the request (prefill can take seconds, and
+    nothing is sent yet that would notice it is gone).
+    """
     try:
-        return await cancel_on_disconnect(request, services.generator.open_stream(prepared))
+        deltas = await cancel_on_disconnect(request, services.generator.open_stream(prepared))
     except ClientDisconnected:
-        prepared.release()
         return Response(status_code=_CLIENT_GONE)
-    except BaseException:
-        prepared.release()
-        raise
+    held.push_async_callback(deltas.aclose)
+    # From here the response is the one owner: the handler's `async with` lets go of everything.
+    return _EventStream(events(deltas), held.pop_all())
 
 
 def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
@@ -115,16 +118,20 @@ def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | ChatCompletion:
-    prepared = await services.generator.prepare_chat(body, hub_token(body.api_token, request))
-    created = int(time.time())
-    if body.stream:
-        deltas = await _open_stream(request, services, prepared)
-        if isinstance(deltas, Response):
-            return deltas
-        return _EventStream(
-            _chat_events(prepared, deltas, created, prepared.target.name, body.include_usage()), prepared, deltas
+    async with AsyncExitStack() as held:
+        prepared = await held.enter_async_context(
+            services.generator.prepare_chat(body, hub_token(body.api_token, request))
         )
-    done = await _finish_plain(request, services, prepared)
+        created = int(time.time())
+        if body.stream:
+            return await _stream_response(
+                request,
+                services,
+                held,
+                prepared,
+                lambda deltas: _chat_events(prepared, deltas, created, prepared.target.name, body.include_usage()),
+            )
+        done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
         return done
     return ChatCompletion(
@@ -222,9 +229,6 @@ async def _chat_events(
     except Exception:  # our own bug mid-stream: still end the stream the way clients expect
         logger.exception("stream %s failed", prepared.request_id)
         yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
-    finally:
-        await deltas.aclose()
-        prepared.release()
     yield _DONE
 
 
@@ -235,15 +239,22 @@ async def _chat_events(
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | Completion:
-    prepared = await services.generator.prepare_completion(body, hub_token(body.api_token, request))
-    created = int(time.time())
-    if body.stream:
-        deltas = await _open_stream(request, services, prepared)
-        if isinstance(deltas, Response):
-            return deltas
-        events = _completion_events(prepared, deltas, created, prepared.target.name, body.include_usage())
-        return _EventStream(events, prepared, deltas)
-    done = await _finish_plain(request, services, prepared)
+    async with AsyncExitStack() as held:
+        prepared = await held.enter_async_context(
+            services.generator.prepare_completion(body, hub_token(body.api_token, request))
+        )
+        created = int(time.time())
+        if body.stream:
+            return await _stream_response(
+                request,
+                services,
+                held,
+                prepared,
+                lambda deltas: _completion_events(
+                    prepared, deltas, created, prepared.target.name, body.include_usage()
+                ),
+            )
+        done = await _finish_plain(request, services, prepared)
     if isinstance(done, Response):
         return done
     return Completion(
@@ -319,7 +330,4 @@ async def _completion_events(
     except Exception:  # our own bug mid-stream: still end the stream the way clients expect
         logger.exception("stream %s failed", prepared.request_id)
         yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
-    finally:
-        await deltas.aclose()
-        prepared.release()
     yield _DONE
