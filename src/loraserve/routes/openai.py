@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -42,8 +43,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 _DONE = b"data: [DONE]\n\n"
-# Builds a response's SSE body from its engine stream.
-_EventsFactory = Callable[[PrimedStream], AsyncGenerator[bytes, None]]
+R = TypeVar("R")
 # 499: nginx's "client closed request"; nobody reads it, but logs do.
 _CLIENT_GONE = 499
 
@@ -90,21 +90,34 @@ async def _finish_plain(
         return Response(status_code=_CLIENT_GONE)
 
 
-async def _stream_response(
-    request: Request, services: Services, held: AsyncExitStack, prepared: PreparedRequest, events: _EventsFactory
-) -> Response:
-    """Open the engine stream once its first token is there, and hand everything ``held`` to the response.
+async def _answer(
+    request: Request,
+    services: Services,
+    preparing: AbstractAsyncContextManager[PreparedRequest],
+    stream: bool,
+    events: Callable[[PreparedRequest, PrimedStream, int], AsyncGenerator[bytes, None]],
+    plain: Callable[[PreparedRequest, FinishedCompletion, int], R],
+) -> Response | R:
+    """One answer, JSON or SSE, holding its model (the adapter lease) exactly as long as the answer lasts.
 
-    A client that leaves before the first token aborts the request (prefill can take seconds, and
-    nothing is sent yet that would notice it is gone).
+    A stream opens once its first token is there, so engine errors at admission are still an HTTP
+    status; a client that leaves before it aborts the request (prefill can take seconds, and nothing
+    is sent yet that would notice). Then the response becomes the one owner of what is held.
     """
-    try:
-        deltas = await cancel_on_disconnect(request, services.generator.open_stream(prepared))
-    except ClientDisconnected:
-        return Response(status_code=_CLIENT_GONE)
-    held.push_async_callback(deltas.aclose)
-    # From here the response is the one owner: the handler's `async with` lets go of everything.
-    return _EventStream(events(deltas), held.pop_all())
+    async with AsyncExitStack() as held:
+        prepared = await held.enter_async_context(preparing)
+        created = int(time.time())
+        if stream:
+            try:
+                deltas = await cancel_on_disconnect(request, services.generator.open_stream(prepared))
+            except ClientDisconnected:
+                return Response(status_code=_CLIENT_GONE)
+            held.push_async_callback(deltas.aclose)
+            return _EventStream(events(prepared, deltas, created), held.pop_all())
+        done = await _finish_plain(request, services, prepared)
+    if isinstance(done, Response):
+        return done
+    return plain(prepared, done, created)
 
 
 def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
@@ -118,28 +131,21 @@ def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | ChatCompletion:
-    async with AsyncExitStack() as held:
-        prepared = await held.enter_async_context(
-            services.generator.prepare_chat(body, hub_token(body.api_token, request))
-        )
-        created = int(time.time())
-        if body.stream:
-            return await _stream_response(
-                request,
-                services,
-                held,
-                prepared,
-                lambda deltas: _chat_events(prepared, deltas, created, prepared.target.name, body.include_usage()),
-            )
-        done = await _finish_plain(request, services, prepared)
-    if isinstance(done, Response):
-        return done
-    return ChatCompletion(
-        id=prepared.request_id,
-        created=created,
-        model=prepared.target.name,
-        choices=[_chat_choice(prepared, choice) for choice in done.choices],
-        usage=_usage(done.prompt_tokens, done.completion_tokens),
+    return await _answer(
+        request,
+        services,
+        services.generator.prepare_chat(body, hub_token(body.api_token, request)),
+        body.stream,
+        lambda prepared, deltas, created: _chat_events(
+            prepared, deltas, created, prepared.target.name, body.include_usage()
+        ),
+        lambda prepared, done, created: ChatCompletion(
+            id=prepared.request_id,
+            created=created,
+            model=prepared.target.name,
+            choices=[_chat_choice(prepared, choice) for choice in done.choices],
+            usage=_usage(done.prompt_tokens, done.completion_tokens),
+        ),
     )
 
 
@@ -239,30 +245,21 @@ async def _chat_events(
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | Completion:
-    async with AsyncExitStack() as held:
-        prepared = await held.enter_async_context(
-            services.generator.prepare_completion(body, hub_token(body.api_token, request))
-        )
-        created = int(time.time())
-        if body.stream:
-            return await _stream_response(
-                request,
-                services,
-                held,
-                prepared,
-                lambda deltas: _completion_events(
-                    prepared, deltas, created, prepared.target.name, body.include_usage()
-                ),
-            )
-        done = await _finish_plain(request, services, prepared)
-    if isinstance(done, Response):
-        return done
-    return Completion(
-        id=prepared.request_id,
-        created=created,
-        model=prepared.target.name,
-        choices=[_completion_choice(prepared, choice) for choice in done.choices],
-        usage=_usage(done.prompt_tokens, done.completion_tokens),
+    return await _answer(
+        request,
+        services,
+        services.generator.prepare_completion(body, hub_token(body.api_token, request)),
+        body.stream,
+        lambda prepared, deltas, created: _completion_events(
+            prepared, deltas, created, prepared.target.name, body.include_usage()
+        ),
+        lambda prepared, done, created: Completion(
+            id=prepared.request_id,
+            created=created,
+            model=prepared.target.name,
+            choices=[_completion_choice(prepared, choice) for choice in done.choices],
+            usage=_usage(done.prompt_tokens, done.completion_tokens),
+        ),
     )
 
 
