@@ -34,6 +34,7 @@ from pathlib import Path
 
 import anyio
 from filelock import FileLock
+from pydantic import ByteSize
 
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.single_flight import SingleFlight
@@ -125,7 +126,13 @@ class AdapterStore:
                 shutil.rmtree(folder, ignore_errors=True)
             else:
                 self._entries[entry.key] = entry
-        logger.info("adapter cache: %d entries, %d of %d bytes", len(self._entries), self.used_bytes, self.budget)
+        logger.info(
+            "Adapter cache: %s, %d adapters, %s of %s used",
+            self.root,
+            len(self._entries),
+            ByteSize(self.used_bytes).human_readable(),
+            ByteSize(self.budget).human_readable(),
+        )
 
     def _read_entry(self, folder: Path) -> CacheEntry | None:
         try:
