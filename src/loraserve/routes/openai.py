@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -70,7 +71,10 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._held.aclose()
+            # Shielded: when the client leaves, Starlette cancels this scope, and every await here would be
+            # cancelled again before the engine request is aborted and the adapter released.
+            with anyio.CancelScope(shield=True):
+                await self._held.aclose()
 
 
 def hub_token(api_token: str | None, request: Request) -> str | None:
