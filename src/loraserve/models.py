@@ -19,7 +19,6 @@ from loraserve.templates import ChatFormat
 
 @dataclass(frozen=True)
 class ModelTarget:
-    requested: str
     name: str  # the model that answers, as responses report it: the served base name, or the adapter's
     chat: ChatFormat
     lora: LoraTarget | None = None
@@ -49,14 +48,14 @@ class ModelCatalog:
         happens in between, so no path can leak it or release it twice.
         """
         if requested in self._base.names():
-            yield ModelTarget(requested, self._base.served_name, self._base_chat)
+            yield ModelTarget(self._base.served_name, self._base_chat)
             return
         if self._adapters is None:
             raise ModelNotFound(requested)
         lease = await self._adapters.acquire(requested, source, token)
         try:
             loaded = lease.loaded
-            yield ModelTarget(requested, requested, loaded.chat or self._base_chat, loaded.target)
+            yield ModelTarget(requested, loaded.chat or self._base_chat, loaded.target)
         finally:
             lease.release()
 
