@@ -174,11 +174,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before anything imports vLLM, which reads its log settings from the environment at import.
     logs.configure(logs.level_from_argv(argv))
-    if _help_topic(argv) is None:
+    topic = _help_topic(argv)
+    if topic is None:
         logger.info("loraserve %s", __version__)
     # Before anything imports transformers or vLLM, which break on an unloadable torchvision; help on
     # loraserve's own flags imports neither, so it skips the check and answers at once.
-    hidden = [] if _help_topic(argv) in _OWN_HELP_TOPICS else hide_unloadable()
+    hidden = [] if topic in _OWN_HELP_TOPICS else hide_unloadable()
     settings = parse_settings(argv)
     if hidden:
         logger.warning(
