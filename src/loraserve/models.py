@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loraserve.adapters.ref import SourceKind
@@ -55,7 +55,10 @@ class ModelCatalog:
         lease = await self._adapters.acquire(requested, source, token)
         try:
             loaded = lease.loaded
-            yield ModelTarget(requested, loaded.chat or self._base_chat, loaded.target)
+            # The engine knows the adapter by its LoRA id; the name on each request is the one the client
+            # sent, so vLLM's vllm:lora_requests_info reports names that routers match to `model` fields.
+            lora = replace(loaded.target, name=requested)
+            yield ModelTarget(requested, loaded.chat or self._base_chat, lora)
         finally:
             lease.release()
 
