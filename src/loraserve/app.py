@@ -23,7 +23,9 @@ from loraserve.engine import Engine
 from loraserve.errors import LoraserveError, install_error_handlers
 from loraserve.generation import Generator
 from loraserve.header_limit import HeaderLimitMiddleware
+from loraserve.metrics import ServerMetrics
 from loraserve.models import ModelCatalog
+from loraserve.observe import RequestObserver
 from loraserve.routes import openai, system
 from loraserve.services import Services
 from loraserve.shutdown import Drain, DrainMiddleware
@@ -39,12 +41,15 @@ def _start_vllm(model_path: str, served_name: str, settings: Settings) -> Engine
     return VllmEngine.start(model_path, served_name, settings.engine_args)
 
 
-def _adapter_registry(settings: Settings, engine: Engine, base: BaseModel, base_chat: ChatFormat) -> AdapterRegistry:
+def _adapter_registry(
+    settings: Settings, engine: Engine, base: BaseModel, base_chat: ChatFormat, metrics: ServerMetrics
+) -> AdapterRegistry:
     from huggingface_hub import get_token
 
     store = AdapterStore(
         settings.adapter_cache_path(), int(settings.adapter_cache_size), wait_timeout=settings.adapter_wait_timeout
     )
+    store.events = metrics
     store.open()
     sources: dict[SourceKind, Source] = {
         "hub": HubSource(settings.adapter_source_timeout),
@@ -78,7 +83,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             await anyio.to_thread.run_sync(start_sandbox)
             base_chat = ChatFormat(tokenizer)
-            adapters = _adapter_registry(settings, running, base, base_chat)
+            adapters = _adapter_registry(settings, running, base, base_chat, metrics)
             for spec in settings.preload_adapter:
                 try:
                     await adapters.preload(spec)
@@ -89,7 +94,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
             drain.attach(asyncio.get_running_loop())
             generator = Generator(running, catalog, settings.max_n, drain)
-            app.state.services = Services(settings, running, catalog, generator)
+            app.state.services = Services(settings, running, catalog, generator, metrics)
+            metrics.watch_cache(adapters.cache_summary)
             logger.info("Serving %s on http://%s:%d/v1", base.served_name, settings.host, settings.port)
             yield
         finally:
@@ -98,6 +104,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 await running.shutdown()
 
     drain = Drain(settings.shutdown_timeout)
+    metrics = ServerMetrics(route.path for route in openai.router.routes)  # type: ignore[attr-defined]
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.drain = drain  # the CLI's server calls drain.begin() when a stop signal arrives
     install_error_handlers(app)
@@ -105,5 +112,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(system.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DrainMiddleware, drain=drain)
-    app.add_middleware(HeaderLimitMiddleware)  # added last, so it runs first
+    app.add_middleware(HeaderLimitMiddleware)
+    # Added last, so it runs first: every answer, refusals included, gets an id, a log line and its count.
+    app.add_middleware(RequestObserver, on_finish=metrics.observe_request)
     return app

@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=None,  # uvicorn's lines go through our format (logs.configure), one per request
+        log_config=None,  # uvicorn's lines go through our format (logs.configure)
+        access_log=False,  # loraserve.observe writes one richer line per request instead
         # Our own deadline ends running requests cleanly first; this only bounds a connection that hangs.
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
     )

@@ -169,8 +169,9 @@ def _is_union_member_tag(part: str) -> bool:
     return any(c in part for c in "[(-") or part in {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
-async def _on_loraserve_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_loraserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LoraserveError)
+    request.state.error_code = exc.code or exc.type  # for the request's log line (loraserve.observe)
     if exc.status >= 500:
         logger.warning("%s: %s", type(exc).__name__, exc.message)
     return error_response(exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -57,6 +58,19 @@ class EngineCall:
 
 
 @dataclass
+class TokenProgress:
+    """Counted as tokens come out of the engine, for logs and metrics (plain and streamed answers alike)."""
+
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the first generated token
+
+    def add(self, tokens: int) -> None:
+        if tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.completion_tokens += tokens
+
+
+@dataclass
 class PreparedRequest:
     request_id: str
     target: ModelTarget
@@ -67,6 +81,7 @@ class PreparedRequest:
     want_logprobs: bool = False
     tools: ToolPlan | None = None
     copies: int = 1  # greedy n > 1: the engine samples once, every choice gets a copy
+    progress: TokenProgress = field(default_factory=TokenProgress)
 
     @property
     def samples_per_call(self) -> int:
@@ -323,6 +338,7 @@ class Generator:
                 # A stopping server ends what is still running at its deadline (one place for every door).
                 source = merged if self._drain is None else self._drain.until_expired(merged)
                 async for call_index, delta in source:
+                    prepared.progress.add(len(delta.token_ids) * prepared.copies)
                     for copy in range(prepared.copies):
                         yield call_index, delta if copy == 0 else replace(delta, index=copy)
         except EngineRejected as exc:

@@ -9,6 +9,7 @@ from fastapi import Request
 from loraserve.config import Settings
 from loraserve.engine import Engine
 from loraserve.generation import Generator
+from loraserve.metrics import ServerMetrics
 from loraserve.models import ModelCatalog
 
 
@@ -18,6 +19,7 @@ class Services:
     engine: Engine
     catalog: ModelCatalog
     generator: Generator
+    metrics: ServerMetrics
 
 
 def get_services(request: Request) -> Services:

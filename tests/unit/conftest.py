@@ -136,6 +136,37 @@ def settings(model_dir: Path, tmp_path: Path) -> Settings:
     )
 
 
+OWN_TEMPLATE = "{% for m in messages %}system {{ m['content'] }} the end{% endfor %}"
+
+
+@pytest.fixture
+def adapter_root(tmp_path: Path) -> Path:
+    """Local adapters for the tiny base: a plain one, one with its own template, one for missing modules."""
+    from tests.unit.adapters.helpers import write_adapter
+
+    root = tmp_path / "adapters"
+    write_adapter(root / "plain")
+    write_adapter(root / "templated", chat_template=OWN_TEMPLATE)
+    write_adapter(root / "wrong", modules=("gate_proj",))
+    return root
+
+
+@pytest.fixture
+def adapter_settings(model_dir: Path, adapter_root: Path, tmp_path: Path) -> Settings:
+    from tests.unit.adapters.helpers import write_base
+
+    write_base(model_dir)
+    return Settings(
+        model=str(model_dir), served_model_name="tiny", cache_dir=tmp_path / "cache", adapter_dir=[adapter_root]
+    )
+
+
+@pytest.fixture
+def adapter_client(adapter_settings: Settings, engine: FakeEngine) -> Iterator[TestClient]:
+    with TestClient(create_app(adapter_settings, engine=engine)) as client:
+        yield client
+
+
 @pytest.fixture
 def client(settings: Settings, engine: FakeEngine) -> Iterator[TestClient]:
     with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as test_client:

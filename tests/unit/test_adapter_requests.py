@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,6 @@ from tests.unit.conftest import FakeEngine
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hello"}]
-OWN_TEMPLATE = "{% for m in messages %}system {{ m['content'] }} the end{% endfor %}"
-
-
-@pytest.fixture
-def adapter_root(tmp_path: Path) -> Path:
-    root = tmp_path / "adapters"
-    write_adapter(root / "plain")
-    write_adapter(root / "templated", chat_template=OWN_TEMPLATE)
-    write_adapter(root / "wrong", modules=("gate_proj",))
-    return root
-
-
-@pytest.fixture
-def adapter_client(model_dir: Path, adapter_root: Path, tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
-    write_base(model_dir)
-    settings = Settings(
-        model=str(model_dir), served_model_name="tiny", cache_dir=tmp_path / "cache", adapter_dir=[adapter_root]
-    )
-    with TestClient(create_app(settings, engine=engine)) as client:
-        yield client
 
 
 def _chat(client: TestClient, model: str) -> dict:

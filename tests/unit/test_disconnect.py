@@ -42,6 +42,7 @@ async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path)
 
 class _GoneRequest:
     headers: dict[str, str] = {}
+    scope: dict[str, object] = {}
 
     async def is_disconnected(self) -> bool:
         return True
@@ -92,12 +93,13 @@ async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_
 
 async def test_a_stream_whose_client_leaves_before_the_first_token_is_aborted(model_dir: Path) -> None:
     from loraserve.config import Settings
+    from loraserve.metrics import ServerMetrics
     from loraserve.routes.openai import completions
     from loraserve.services import Services
 
     engine = FakeEngine(delay=5.0)  # a long prefill: the first token is seconds away
     generator = _generator(engine, model_dir)
-    services = Services(Settings(model=str(model_dir)), engine, generator._catalog, generator)
+    services = Services(Settings(model=str(model_dir)), engine, generator._catalog, generator, ServerMetrics([]))
     body = CompletionRequest(model="", prompt="hello", max_tokens=5, stream=True)
     response = await asyncio.wait_for(completions(body, _GoneRequest(), services), 3)  # type: ignore[arg-type]
     assert response.status_code == 499

@@ -210,6 +210,7 @@ class AdapterRegistry:
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is not available; try again later.") from exc
         loaded = LoadedAdapter(entry, target, chat, time.monotonic() - started)
+        self._store.events.loaded_into_engine()
         if self._store.get(entry.key) is entry:
             self._loaded[entry.key] = loaded
         logger.info("loaded adapter %s as LoRA id %d", target.name, target.int_id)
@@ -246,10 +247,14 @@ class AdapterRegistry:
         self._verified.pop(entry.key, None)
         self.last_resolve_seconds.pop(entry.key, None)
         if loaded is not None:
-            try:
-                await self._engine.remove_lora(loaded.target.int_id)
-            except Exception:  # the engine may already have dropped it from its own LRU
-                logger.debug("engine did not remove LoRA %d", loaded.target.int_id, exc_info=True)
+            await self._remove_from_engine(loaded)
+
+    async def _remove_from_engine(self, loaded: LoadedAdapter) -> None:
+        self._store.events.removed_from_engine()
+        try:
+            await self._engine.remove_lora(loaded.target.int_id)
+        except Exception:  # the engine may already have dropped it from its own LRU
+            logger.debug("engine did not remove LoRA %d", loaded.target.int_id, exc_info=True)
 
     def entries(self) -> list[CacheEntry]:
         return self._store.entries()
@@ -280,8 +285,11 @@ class AdapterRegistry:
         return rows
 
     def cache_summary(self) -> dict[str, int]:
+        entries = self._store.entries()
         return {
-            "entries": len(self._store.entries()),
+            "entries": len(entries),
             "used_bytes": self._store.used_bytes,
             "budget": self._store.budget,
+            "in_engine": len(self._loaded),
+            "pinned": sum(entry.pinned for entry in entries),
         }

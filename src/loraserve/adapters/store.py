@@ -36,6 +36,7 @@ import anyio
 from filelock import FileLock
 from pydantic import ByteSize
 
+from loraserve.adapters.events import NO_EVENTS, CacheEvents
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.single_flight import SingleFlight
 from loraserve.adapters.sources import Snapshot
@@ -106,6 +107,7 @@ class AdapterStore:
         self._entries_dir = root / "entries"
         self._tmp_dir = root / "tmp"
         self._locks_dir = root / "locks"
+        self.events: CacheEvents = NO_EVENTS  # metrics listen here
 
     def set_evict_hook(self, on_evict: Callable[[CacheEntry], Awaitable[None]]) -> None:
         """Called before an entry leaves the disk (the registry drops it from the engine)."""
@@ -212,7 +214,9 @@ class AdapterStore:
             entry = None
         if entry is not None:
             self.touch(entry)
+            self.events.hit()
             return entry
+        self.events.miss()
         return await self._downloads.run(snapshot.key, lambda: self._download(snapshot, fetch, check))
 
     async def _forget_vanished(self, entry: CacheEntry) -> None:
@@ -267,6 +271,7 @@ class AdapterStore:
             )
             entry.fetch_seconds = time.monotonic() - started
             self._entries[entry.key] = entry
+            self.events.downloaded(entry.size, entry.fetch_seconds)
             logger.info("cached adapter %s (%d bytes) in %.2f s", snapshot.root, entry.size, time.monotonic() - started)
         finally:
             if lock.is_locked:
@@ -293,6 +298,7 @@ class AdapterStore:
                     self._reserved += need
                     return
             logger.info("adapter %s waits for room in the cache (adapters in use fill it)", snapshot.ref.display())
+            self.events.waited_for_room()
             try:
                 await asyncio.wait_for(freed.wait(), remaining)
             except TimeoutError:
@@ -314,6 +320,7 @@ class AdapterStore:
             return
         del self._entries[entry.key]
         logger.info("evicting adapter %s (%d bytes) from the cache", entry.root, entry.size)
+        self.events.evicted_from_disk()
         if self._on_evict is not None:
             await self._on_evict(entry)
         # Rename first so the entry vanishes at once; the slow delete happens after.

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from loraserve.engine import TokenLogprob
 from loraserve.errors import EngineFailure, LoraserveError, sse_error
 from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest, PrimedStream
+from loraserve.observe import request_record
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
 from loraserve.protocol.responses import (
     AssistantMessage,
@@ -97,6 +98,7 @@ async def _finish_plain(
 async def _answer(
     request: Request,
     services: Services,
+    requested: str,
     preparing: AbstractAsyncContextManager[PreparedRequest],
     stream: bool,
     events: Callable[[PreparedRequest, PrimedStream, int], AsyncGenerator[bytes, None]],
@@ -108,8 +110,13 @@ async def _answer(
     status; a client that leaves before it aborts the request (prefill can take seconds, and nothing
     is sent yet that would notice). Then the response becomes the one owner of what is held.
     """
+    request_record(request).requested = requested
     async with AsyncExitStack() as held:
         prepared = await held.enter_async_context(preparing)
+        target = prepared.target
+        request_record(request).answered_by(
+            target.name, target.lora is not None, prepared.prompt_tokens, prepared.progress
+        )
         created = int(time.time())
         if stream:
             try:
@@ -138,6 +145,7 @@ async def chat_completions(
     return await _answer(
         request,
         services,
+        body.model,
         services.generator.prepare_chat(body, hub_token(body.api_token, request)),
         body.stream,
         lambda prepared, deltas, created: _chat_events(
@@ -252,6 +260,7 @@ async def completions(
     return await _answer(
         request,
         services,
+        body.model,
         services.generator.prepare_completion(body, hub_token(body.api_token, request)),
         body.stream,
         lambda prepared, deltas, created: _completion_events(

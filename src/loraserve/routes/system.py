@@ -1,11 +1,12 @@
-"""GET /health, GET /v1/models, GET /info."""
+"""GET /health, GET /metrics, GET /v1/models, GET /v1/adapters, GET /info."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraserve import __version__
 from loraserve.engine import EngineDead
@@ -24,6 +25,12 @@ async def health(services: Services = Depends(get_services)) -> dict[str, str]:
     except (EngineDead, TimeoutError) as exc:
         raise EngineUnavailable("The inference engine does not answer.") from exc
     return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(services: Services = Depends(get_services)) -> Response:
+    """Prometheus text: vLLM's engine series (vllm:*) and loraserve's own (loraserve_*)."""
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", response_model=ModelList)
