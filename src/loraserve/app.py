@@ -11,6 +11,7 @@ import anyio
 from fastapi import FastAPI
 
 from loraserve import __version__
+from loraserve.access import OPEN_PATHS, ApiKeyMiddleware, ConcurrencyLimitMiddleware, load_api_keys
 from loraserve.adapters.ref import SourceKind
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.sources import HubSource, LocalSource, S3Source, Source
@@ -67,6 +68,7 @@ def _adapter_registry(
         resolve_ttl=settings.adapter_resolve_ttl,
         server_token=get_token(),
         source_timeout=settings.adapter_source_timeout,
+        allowed=settings.allow_adapter,
     )
     store.set_evict_hook(registry.forget)
     return registry
@@ -104,14 +106,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 await running.shutdown()
 
     drain = Drain(settings.shutdown_timeout)
-    metrics = ServerMetrics(route.path for route in openai.router.routes)  # type: ignore[attr-defined]
+    model_paths = frozenset(route.path for route in openai.router.routes)  # type: ignore[attr-defined]
+    metrics = ServerMetrics(model_paths)
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    api_keys = load_api_keys(api_key, settings.api_key_file)
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.drain = drain  # the CLI's server calls drain.begin() when a stop signal arrives
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(system.router)
+    # Middleware runs in the reverse order of adding: the observer first, the body limit last.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, paths=model_paths)
     app.add_middleware(DrainMiddleware, drain=drain)
+    open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_without_key else set())
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys, open_paths=open_paths)  # before anything costs work
     app.add_middleware(HeaderLimitMiddleware)
     # Added last, so it runs first: every answer, refusals included, gets an id, a log line and its count.
     app.add_middleware(RequestObserver, on_finish=metrics.observe_request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraserve.errors import RequestTooLarge, error_response
+from loraserve.errors import RequestTooLarge, refuse
 
 
 class BodyLimitMiddleware:
@@ -20,7 +20,7 @@ class BodyLimitMiddleware:
         too_large = RequestTooLarge(f"The request body is larger than the limit of {self.max_bytes} bytes.")
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+            await refuse(too_large, scope, receive, send)
             return
         received = 0
         response_started = False
@@ -45,4 +45,4 @@ class BodyLimitMiddleware:
         except HTTPException as exc:
             if exc.status_code != 413 or response_started:
                 raise
-            await error_response(too_large)(scope, receive, send)
+            await refuse(too_large, scope, receive, send)

@@ -37,6 +37,8 @@ def _argparse_type(annotation: Any) -> dict[str, Any]:
         annotation = args[0]
     if typing.get_origin(annotation) is typing.Literal:
         return {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return {"action": "store_true"}
     if annotation in (int, float, Path):
         return {"type": annotation}
     return {"type": str}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -89,6 +89,28 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds running requests get to finish after SIGTERM or Ctrl-C (new ones are 503 at once); "
         "then they are ended, streams with an in-band error and [DONE].",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every route but /health needs `Authorization: Bearer <key>` (401 otherwise). "
+        "Prefer the LORASERVE_API_KEY variable or --api-key-file: flags show in the process list.",
+    )
+    api_key_file: Path | None = Field(
+        None, description="A file of accepted API keys, one per line (with --api-key, both are accepted)."
+    )
+    metrics_without_key: bool = Field(
+        False, description="Leave GET /metrics open when an API key is set (for Prometheus and endpoint pickers)."
+    )
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Most model requests running at once; beyond it a 429 with Retry-After at once instead of "
+        "a queue (default: no limit; vLLM queues what it cannot batch).",
+    )
+    allow_adapter: list[str] = Field(
+        default_factory=list,
+        description="Only adapters whose reference matches one of these globs may be used (repeatable), e.g. "
+        "'acme/*', 'local:*', 's3://loras/*'; anything else is a 404 before any download. Default: any.",
     )
     log_level: LogLevel = Field("info", description="Log level.")
     engine_args: dict[str, Any] = Field(

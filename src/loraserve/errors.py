@@ -7,6 +7,8 @@
     │   ├── UnsupportedParameter        400 code=unsupported_parameter
     │   ├── InvalidAdapter              400 code=invalid_adapter
     │   └── AdapterTooLarge             400 code=adapter_too_large
+    ├── AuthenticationFailed            401 code=invalid_api_key
+    ├── TooManyRequests                 429 code=rate_limit_exceeded, Retry-After
     ├── RequestTooLarge                 413 invalid_request_error
     ├── HeadersTooLarge                 431 invalid_request_error
     ├── ModelNotFound                   404 code=model_not_found, param=model
@@ -31,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,22 @@ class CacheFull(LoraserveError):
     retry_after = 10
 
 
+class AuthenticationFailed(LoraserveError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class TooManyRequests(LoraserveError):
+    status = 429
+    type = "requests"  # as OpenAI types a request-rate limit
+    code = "rate_limit_exceeded"
+    retry_after = 1
+
+
 class RequestTooLarge(LoraserveError):
     status = 413
     type = "invalid_request_error"
@@ -143,6 +162,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def error_response(exc: LoraserveError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers())
+
+
+async def refuse(exc: LoraserveError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer ``exc`` from a middleware, before any route runs (the request's log line names its code)."""
+    scope.setdefault("state", {})["error_code"] = exc.code or exc.type
+    await error_response(exc)(scope, receive, send)
 
 
 def sse_error(exc: LoraserveError) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loraserve.errors import HeadersTooLarge, error_response
+from loraserve.errors import HeadersTooLarge, refuse
 
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADER_COUNT = 100
@@ -30,6 +30,6 @@ class HeaderLimitMiddleware:
                     f"The request headers are too large: {len(headers)} headers, {size} bytes; "
                     f"the limits are {self.max_count} headers and {self.max_bytes} bytes."
                 )
-                await error_response(error)(scope, receive, send)
+                await refuse(error, scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -18,7 +18,7 @@ from typing import TypeVar
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loraserve.errors import ServerShuttingDown, error_response
+from loraserve.errors import ServerShuttingDown, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,6 @@ class DrainMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.drain.draining:
             error = ServerShuttingDown("The server is shutting down; retry on another server.")
-            await error_response(error)(scope, receive, send)
+            await refuse(error, scope, receive, send)
             return
         await self.app(scope, receive, send)

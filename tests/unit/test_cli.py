@@ -76,3 +76,15 @@ def test_help_on_a_vllm_group_lists_its_flags_without_log_lines() -> None:
     assert "--max-lora-rank" in result.stdout
     assert result.stderr == ""
     assert "Triton" not in result.stdout and "correction" not in result.stdout
+
+
+def test_access_flags_from_the_command_line_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASERVE_API_KEY", "sk-from-env")
+    argv = ["serve", "--metrics-without-key", "--max-concurrent-requests", "4"]
+    settings = parse_settings([*argv, "--allow-adapter", "acme/*", "--allow-adapter", "local:*"])
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "sk-from-env"
+    assert "sk-from-env" not in repr(settings)  # a key never reaches a log through the settings
+    assert settings.metrics_without_key is True
+    assert settings.max_concurrent_requests == 4
+    assert settings.allow_adapter == ["acme/*", "local:*"]
+    assert parse_settings(["serve"]).metrics_without_key is False

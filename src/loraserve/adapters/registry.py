@@ -10,6 +10,7 @@ a lease that keeps it from eviction until the request ends.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -29,7 +30,7 @@ from loraserve.adapters.sources import Snapshot, Source
 from loraserve.adapters.store import AdapterStore, CacheEntry
 from loraserve.adapters.validate import BaseShapes, check_adapter
 from loraserve.engine import Engine, EngineDead, EngineRejected, LoraTarget
-from loraserve.errors import EngineUnavailable, InvalidAdapter, SourceUnavailable
+from loraserve.errors import EngineUnavailable, InvalidAdapter, ModelNotFound, SourceUnavailable
 from loraserve.templates import ChatFormat, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,11 @@ class AdapterRegistry:
         resolve_ttl: float,
         server_token: str | None,
         source_timeout: float = 20.0,
+        allowed: list[str] | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
+        self._allowed = allowed or []
         self._source_timeout = source_timeout
         self._sources = sources
         self._base_shapes = base_shapes
@@ -99,6 +102,8 @@ class AdapterRegistry:
 
     async def acquire(self, model: str, source: SourceKind, request_token: str | None) -> AdapterLease:
         ref = parse_ref(model, source)
+        if not self.allows(ref):
+            raise ModelNotFound(model)  # as if it did not exist: no I/O, and nothing said about the list
         token = request_token or self._server_token if source == "hub" else None
         fingerprint = token_fingerprint(token)
         try:
@@ -124,6 +129,13 @@ class AdapterRegistry:
             if lease is not None:
                 return lease
         raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
+
+    def allows(self, ref: AdapterRef) -> bool:
+        """--allow-adapter: globs on the reference as --preload-adapter writes it (org/name, local:NAME, s3://…)."""
+        if not self._allowed:
+            return True
+        spelled = f"local:{ref.name}" if ref.source == "local" else ref.name
+        return any(fnmatch.fnmatchcase(spelled, pattern) for pattern in self._allowed)
 
     async def preload(self, spec: str) -> CacheEntry:
         """Fetch, load and pin one adapter named as on the command line (see --preload-adapter)."""

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from loraserve.access import AUTHORIZED
 from loraserve.engine import TokenLogprob
 from loraserve.errors import EngineFailure, LoraserveError, sse_error
 from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest, PrimedStream
@@ -79,9 +80,14 @@ class _EventStream(StreamingResponse):
 
 
 def hub_token(api_token: str | None, request: Request) -> str | None:
-    """The requester's Hub token: LoRAX's `api_token` field, or a Bearer key that is an HF token."""
+    """The requester's Hub token: LoRAX's `api_token` field, or a Bearer key that is an HF token.
+
+    When the server has an API key, the Bearer key is that key: never a Hub token, never sent to the Hub.
+    """
     if api_token:
         return api_token
+    if request.scope.get("state", {}).get(AUTHORIZED):
+        return None
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip().startswith("hf_") else None
 

@@ -37,6 +37,7 @@ def _registry(
     budget: int = 10**9,
     ttl: float = 60,
     source_timeout: float = 20.0,
+    allowed: list[str] | None = None,
 ) -> AdapterRegistry:
     write_base(model_dir)
     store = AdapterStore(tmp_path / "cache", budget)
@@ -52,6 +53,7 @@ def _registry(
         resolve_ttl=ttl,
         server_token=None,
         source_timeout=source_timeout,
+        allowed=allowed,
     )
     store.set_evict_hook(registry.forget)
     return registry
@@ -235,3 +237,16 @@ async def test_an_adapter_being_loaded_is_never_evicted(hub: FakeHub, tmp_path: 
     assert lease.loaded.entry.path.is_dir()
     assert hub.hits[("acme/a", "adapter_model.safetensors")] == 1
     lease.release()
+
+
+async def test_only_allowed_adapters_are_fetched_and_others_are_404_without_io(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine(), allowed=["acme/*", "local:team/*"])
+    _publish(hub, tmp_path, "acme/a")
+    _publish(hub, tmp_path, "evil/a")
+    (await registry.acquire("acme/a@main", "hub", None)).release()  # a revision does not change the repo
+    for model, source in (("evil/a", "hub"), ("acmex/a", "hub"), ("other/x", "local"), ("s3://b/acme/a", "s3")):
+        with pytest.raises(ModelNotFound):
+            await registry.acquire(model, source, None)  # type: ignore[arg-type]
+    assert not any("evil" in path for _, path in hub.request_log)
