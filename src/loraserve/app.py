@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from loraserve import __version__
 from loraserve.access import OPEN_PATHS, ApiKeyMiddleware, ConcurrencyLimitMiddleware, load_api_keys
+from loraserve.adapters.named import NamedAdapters
 from loraserve.adapters.ref import SourceKind
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.sources import HubSource, LocalSource, S3Source, Source
@@ -27,7 +28,7 @@ from loraserve.header_limit import HeaderLimitMiddleware
 from loraserve.metrics import ServerMetrics
 from loraserve.models import ModelCatalog
 from loraserve.observe import RequestObserver
-from loraserve.routes import openai, system
+from loraserve.routes import lora_admin, openai, system
 from loraserve.services import Services
 from loraserve.shutdown import Drain, DrainMiddleware
 from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer, start_sandbox, stop_sandbox
@@ -93,7 +94,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                     logger.error("could not preload adapter %s: %s", spec, exc.message)
                 except Exception:
                     logger.exception("could not preload adapter %s", spec)
-            catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters)
+            named = NamedAdapters(adapters, LocalSource(settings.adapter_dir), base.names())
+            catalog = ModelCatalog(base, running.max_model_len, base_chat, adapters, named)
             drain.attach(asyncio.get_running_loop())
             generator = Generator(running, catalog, settings.max_n, drain)
             app.state.services = Services(settings, running, catalog, generator, metrics)
@@ -115,6 +117,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(system.router)
+    app.include_router(lora_admin.router)
     # Middleware runs in the reverse order of adding: the observer first, the body limit last.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, paths=model_paths)

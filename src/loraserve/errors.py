@@ -12,6 +12,7 @@
     ├── RequestTooLarge                 413 invalid_request_error
     ├── HeadersTooLarge                 431 invalid_request_error
     ├── ModelNotFound                   404 code=model_not_found, param=model
+    ├── LoraNotFound                    404 code=lora_adapter_not_found (the load/unload API)
     ├── CacheFull                       507 code=adapter_cache_full
     ├── EngineUnavailable               503 service_unavailable
     │   ├── SourceUnavailable           503 code=adapter_source_unavailable
@@ -128,6 +129,12 @@ class ModelNotFound(LoraserveError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class LoraNotFound(LoraserveError):
+    status = 404
+    type = "invalid_request_error"
+    code = "lora_adapter_not_found"
 
 
 class EngineUnavailable(LoraserveError):

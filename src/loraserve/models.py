@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from loraserve.adapters.named import NamedAdapters
 from loraserve.adapters.ref import SourceKind
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.base_model import BaseModel
 from loraserve.engine import LoraTarget
-from loraserve.errors import ModelNotFound
+from loraserve.errors import EngineUnavailable, ModelNotFound
 from loraserve.protocol.responses import ModelCard
 from loraserve.templates import ChatFormat
 
@@ -26,17 +27,28 @@ class ModelTarget:
 
 class ModelCatalog:
     def __init__(
-        self, base: BaseModel, max_model_len: int, base_chat: ChatFormat, adapters: AdapterRegistry | None
+        self,
+        base: BaseModel,
+        max_model_len: int,
+        base_chat: ChatFormat,
+        adapters: AdapterRegistry | None,
+        named: NamedAdapters | None = None,
     ) -> None:
         self._base = base
         self._max_model_len = max_model_len
         self._base_chat = base_chat
         self._adapters = adapters
+        self._named = named
         self._created = int(time.time())
 
     @property
     def base(self) -> BaseModel:
         return self._base
+
+    def named_adapters(self) -> NamedAdapters:
+        if self._named is None:
+            raise EngineUnavailable("This server was started without adapter support.")
+        return self._named
 
     @asynccontextmanager
     async def resolve(
@@ -52,7 +64,12 @@ class ModelCatalog:
             return
         if self._adapters is None:
             raise ModelNotFound(requested)
-        lease = await self._adapters.acquire(requested, source, token)
+        named = self._named.get(requested) if self._named is not None else None
+        # A name given through /v1/load_lora_adapter wins: it means that very snapshot, whatever the source.
+        if named is not None and self._named is not None:
+            lease = await self._named.lease(named)
+        else:
+            lease = await self._adapters.acquire(requested, source, token)
         try:
             loaded = lease.loaded
             # The engine knows the adapter by its LoRA id; the name on each request is the one the client
@@ -89,4 +106,12 @@ class ModelCatalog:
                     parent=self._base.served_name,
                     max_model_len=self._max_model_len,
                 )
+        for named in self._named.all() if self._named is not None else []:
+            newest[named.name] = ModelCard(
+                id=named.name,
+                created=int(named.created),
+                root=named.entry.root,  # not lora_path: a server's folders are nobody's business
+                parent=self._base.served_name,
+                max_model_len=self._max_model_len,
+            )
         return cards + list(newest.values())

@@ -10,13 +10,14 @@ a lease that keeps it from eviction until the request ends.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ class LoadedAdapter:
     target: LoraTarget
     chat: ChatFormat | None  # None: the adapter ships no template, use the base's
     load_seconds: float = 0.0  # the engine's add_lora, on first use
+    in_flight: int = 0  # requests running with this LoRA id
+    retired: bool = False  # being removed from the engine: new requests load a fresh id
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever in_flight is 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 class AdapterLease:
@@ -53,12 +60,17 @@ class AdapterLease:
         self.loaded = loaded
         self._hold = store.lease(loaded.entry)
         self._hold.__enter__()
+        loaded.in_flight += 1
+        loaded.idle.clear()
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._hold.__exit__(None, None, None)
+            self.loaded.in_flight -= 1
+            if self.loaded.in_flight == 0:
+                self.loaded.idle.set()
 
 
 def token_fingerprint(token: str | None) -> str:
@@ -161,9 +173,32 @@ class AdapterRegistry:
         # for another adapter cannot delete the files the engine is about to read.
         with self._store.lease(entry):
             loaded = await self._load(entry)
-            if self._store.get(entry.key) is entry and loaded.entry is entry:
+            if self._store.get(entry.key) is entry and loaded.entry is entry and not loaded.retired:
                 return AdapterLease(self._store, loaded)
         return None
+
+    async def lease_entry(self, entry: CacheEntry) -> AdapterLease:
+        """A lease on this very entry (an adapter loaded by name through the admin API)."""
+        for _ in range(3):
+            lease = await self._lease(entry)
+            if lease is not None:
+                return lease
+        raise SourceUnavailable(f"{entry.ref.display()} left the cache; load it again.")
+
+    async def retire(self, entry: CacheEntry) -> bool:
+        """Take ``entry``'s LoRA out of the engine once the requests using it have finished.
+
+        New requests load it afresh under a new id meanwhile, so nothing waits for the old one.
+        Returns whether it was loaded.
+        """
+        loaded = self._loaded.get(entry.key)
+        if loaded is None or loaded.entry is not entry:
+            return False
+        del self._loaded[entry.key]
+        loaded.retired = True
+        await loaded.idle.wait()
+        await self._remove_from_engine(loaded)
+        return True
 
     async def _resolve(self, ref: AdapterRef, token: str | None, fingerprint: str) -> Snapshot:
         key = (ref.source, ref.name, ref.revision, fingerprint)
@@ -270,6 +305,14 @@ class AdapterRegistry:
 
     def entries(self) -> list[CacheEntry]:
         return self._store.entries()
+
+    def held_entries(self, name: str) -> list[CacheEntry]:
+        """Entries of the adapter a request would name ``name`` that are loaded in the engine or pinned."""
+        return [
+            entry
+            for entry in self._store.entries()
+            if name in (entry.ref.display(), entry.ref.name) and (entry.key in self._loaded or entry.pinned)
+        ]
 
     def status(self) -> list[dict[str, Any]]:
         """What is cached and loaded, for /v1/adapters (public adapters only: private ones stay unlisted)."""

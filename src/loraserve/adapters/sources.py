@@ -189,6 +189,14 @@ class LocalSource:
         for file in snapshot.files:
             shutil.copyfile(folder / file.name, dest / file.name)
 
+    def name_of(self, path: Path) -> str | None:
+        """The local reference of an absolute folder inside a root (None when it is outside every root)."""
+        resolved = path.resolve()
+        for root in self._roots:
+            if resolved.is_relative_to(root) and resolved != root:
+                return resolved.relative_to(root).as_posix()
+        return None
+
     def _find(self, ref: AdapterRef) -> Path:
         for root in self._roots:
             candidate = (root / ref.name).resolve()

@@ -253,3 +253,22 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of > 1 and self.stream:
             raise _invalid("best_of", "`best_of` cannot be used with `stream`")
         return self
+
+
+# -- vLLM's adapter administration API ------------------------------------------
+
+
+class LoadLoraAdapterRequest(_Lenient):
+    """``POST /v1/load_lora_adapter``, as vLLM's server takes it."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    is_3d_lora_weight: bool = False
+
+
+class UnloadLoraAdapterRequest(_Lenient):
+    """``POST /v1/unload_lora_adapter``, as vLLM's server takes it (``lora_int_id`` is accepted and unused)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
