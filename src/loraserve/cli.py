@@ -133,6 +133,7 @@ def build_top_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="serve the base model and its adapters over HTTP (see `loraserve serve --help`)")
+    commands.add_parser("adapters", help="list, pull, rm or prune cached adapters (see `loraserve adapters --help`)")
     return parser
 
 
@@ -174,6 +175,10 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["adapters"]:  # the cache commands: no server logging, vLLM or torch
+        from loraserve.adapters.cache_cli import main as adapters_main
+
+        raise SystemExit(adapters_main(argv[1:]))
     # Before anything imports vLLM, which reads its log settings from the environment at import.
     logs.configure(logs.level_from_argv(argv))
     topic = _help_topic(argv)

@@ -108,6 +108,8 @@ def test_unload_refuses_new_requests_lets_running_ones_finish_then_leaves_the_en
         assert '"error"' not in streamed[0] and streamed[0].rstrip().endswith("[DONE]")
         _wait_for(lambda: lora_id not in engine.loras)  # then it leaves the engine
         assert _adapter_row(client, "plain@")["pinned"] is False
+        inuse = adapter_settings.adapter_cache_path() / "inuse"
+        _wait_for(lambda: not list(inuse.iterdir()))  # unmarked: `loraserve adapters rm` may remove it now
         assert client.post(UNLOAD, json={"lora_name": "mine"}).status_code == 404
 
 

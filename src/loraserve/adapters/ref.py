@@ -51,3 +51,13 @@ def parse_ref(model: str, source: SourceKind) -> AdapterRef:
     if match is None or ".." in match.group(2).split("/") or "//" in match.group(2):
         raise ModelNotFound(model)
     return AdapterRef("s3", model.rstrip("/"))
+
+
+def split_spec(spec: str) -> tuple[SourceKind, str]:
+    """An adapter as the command line names it (--preload-adapter, `loraserve adapters`): ``org/name[@rev]``
+    on the Hub, ``local:NAME`` under --adapter-dir, or ``s3://bucket/prefix``."""
+    if spec.startswith("local:"):
+        return "local", spec.removeprefix("local:")
+    if spec.startswith("s3://"):
+        return "s3", spec
+    return "hub", spec

@@ -25,7 +25,7 @@ import anyio
 from cachetools import TTLCache
 from transformers import PreTrainedTokenizerBase
 
-from loraserve.adapters.ref import AdapterRef, SourceKind, parse_ref
+from loraserve.adapters.ref import AdapterRef, SourceKind, parse_ref, split_spec
 from loraserve.adapters.single_flight import SingleFlight
 from loraserve.adapters.sources import Snapshot, Source
 from loraserve.adapters.store import AdapterStore, CacheEntry
@@ -51,6 +51,10 @@ class LoadedAdapter:
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+
+class _EntryVanished(Exception):
+    """The entry's files were removed before it could be marked in use (`loraserve adapters rm`)."""
 
 
 class AdapterLease:
@@ -151,12 +155,7 @@ class AdapterRegistry:
 
     async def preload(self, spec: str) -> CacheEntry:
         """Fetch, load and pin one adapter named as on the command line (see --preload-adapter)."""
-        source: SourceKind = "hub"
-        name = spec
-        if spec.startswith("local:"):
-            source, name = "local", spec.removeprefix("local:")
-        elif spec.startswith("s3://"):
-            source = "s3"
+        source, name = split_spec(spec)
         lease = await self.acquire(name, source, None)
         entry = lease.loaded.entry
         entry.pinned = True
@@ -172,7 +171,10 @@ class AdapterRegistry:
         # Held across the load: between download and add_lora the entry is in use, so making room
         # for another adapter cannot delete the files the engine is about to read.
         with self._store.lease(entry):
-            loaded = await self._load(entry)
+            try:
+                loaded = await self._load(entry)
+            except _EntryVanished:
+                return None
             if self._store.get(entry.key) is entry and loaded.entry is entry and not loaded.retired:
                 return AdapterLease(self._store, loaded)
         return None
@@ -198,6 +200,8 @@ class AdapterRegistry:
         loaded.retired = True
         await loaded.idle.wait()
         await self._remove_from_engine(loaded)
+        if entry.key not in self._loaded:  # not loaded again meanwhile: `loraserve adapters rm` may take it
+            self._store.unmark_in_use(entry)
         return True
 
     async def _resolve(self, ref: AdapterRef, token: str | None, fingerprint: str) -> Snapshot:
@@ -245,17 +249,25 @@ class AdapterRegistry:
         int_id = next(self._ids)
         # vLLM compares LoRARequests by name: a re-downloaded snapshot gets a name of its own.
         target = LoraTarget(name=f"{entry.ref.name}@{entry.version}#{int_id}", int_id=int_id, path=str(entry.path))
-        chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
-        started = time.monotonic()
+        # Marked on disk before anything reads the files, so `loraserve adapters rm` and other servers leave them.
+        if not await anyio.to_thread.run_sync(self._store.mark_in_use, entry):
+            raise _EntryVanished  # removed meanwhile: the caller fetches it anew
         try:
+            chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
+            started = time.monotonic()
             await self._engine.add_lora(target)
         except EngineRejected as exc:
+            self._store.unmark_in_use(entry)
             # A snapshot the engine refuses would fail every time: drop it from the cache.
             await self._store.evict(entry)
             reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
             raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {reason}") from exc
         except EngineDead as exc:
+            self._store.unmark_in_use(entry)
             raise EngineUnavailable("The inference engine is not available; try again later.") from exc
+        except BaseException:
+            self._store.unmark_in_use(entry)  # not loaded after all
+            raise
         loaded = LoadedAdapter(entry, target, chat, time.monotonic() - started)
         self._store.events.loaded_into_engine()
         if self._store.get(entry.key) is entry:
@@ -291,6 +303,7 @@ class AdapterRegistry:
     async def forget(self, entry: CacheEntry) -> None:
         """Called by the store before it deletes an entry: drop it from the engine too."""
         loaded = self._loaded.pop(entry.key, None)
+        self._store.unmark_in_use(entry)
         self._verified.pop(entry.key, None)
         self.last_resolve_seconds.pop(entry.key, None)
         if loaded is not None:

@@ -5,7 +5,8 @@ Layout under the cache folder::
     entries/<key>/           one checked adapter snapshot (key = source, name and pinned version)
         .loraserve-entry.json   what it is; its mtime is the last use
     tmp/<key>.<pid>.<uuid>.incomplete/   downloads in progress; swept at start if <pid> is gone
-    locks/<key>.lock          held while an entry is written or removed
+    locks/<key>.lock          held while an entry is written, removed, or marked in use
+    inuse/<key>.<pid>         process <pid> has the entry loaded in its engine; swept at start if <pid> is gone
 
 A download is fetched into ``tmp/``, checked, then renamed into ``entries/``
 in one ``os.replace``: a crash at any moment leaves no half entry. Several
@@ -15,7 +16,8 @@ others wait and then adopt the entry from disk, and a server starting up
 removes only the temporary folders of processes that are gone. The byte
 budget holds before a download (sizes are known from the source) and after
 it. Least recently used entries go first; an entry with leases (requests in
-flight) or pinned is never evicted.
+flight) or pinned is never evicted, and no process removes an entry that a
+live process has marked in use (``loraserve adapters rm`` runs beside servers).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ from loraserve.errors import AdapterTooLarge, CacheFull
 logger = logging.getLogger(__name__)
 
 META = ".loraserve-entry.json"
+
+
+class EntryInUse(Exception):
+    """A live process has the entry loaded (its ``inuse/<key>.<pid>`` marker says so): it stays on disk."""
+
+    def __init__(self, entry: CacheEntry, pids: list[int]) -> None:
+        super().__init__(f"{entry.root} is loaded by loraserve process {', '.join(map(str, pids))}")
+        self.entry = entry
+        self.pids = pids
 
 
 @dataclass
@@ -108,6 +119,7 @@ class AdapterStore:
         self._tmp_dir = root / "tmp"
         self._locks_dir = root / "locks"
         self.events: CacheEvents = NO_EVENTS  # metrics listen here
+        self._inuse_dir = root / "inuse"
 
     def set_evict_hook(self, on_evict: Callable[[CacheEntry], Awaitable[None]]) -> None:
         """Called before an entry leaves the disk (the registry drops it from the engine)."""
@@ -118,16 +130,11 @@ class AdapterStore:
     def open(self) -> None:
         """Sweep leftovers of interrupted downloads, then rebuild the index from disk."""
         self._make_dirs()
-        for leftover in self._tmp_dir.iterdir():
-            if not _owner_alive(leftover.name):  # another server's download in progress stays
-                shutil.rmtree(leftover, ignore_errors=True)
-        for folder in self._entries_dir.iterdir():
-            entry = self._read_entry(folder)
-            if entry is None:
-                logger.warning("removing unreadable adapter cache entry %s", folder.name)
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                self._entries[entry.key] = entry
+        for leftover in self.leftovers():  # another server's download in progress stays
+            _remove(leftover)
+        for folder in self.scan():
+            logger.warning("removing unreadable adapter cache entry %s", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
         logger.info(
             "Adapter cache: %s, %d adapters, %s of %s used",
             self.root,
@@ -135,6 +142,28 @@ class AdapterStore:
             ByteSize(self.used_bytes).human_readable(),
             ByteSize(self.budget).human_readable(),
         )
+
+    def scan(self) -> list[Path]:
+        """Build the index from disk, changing nothing there; return the entry folders that cannot be read."""
+        unreadable = []
+        for folder in _children(self._entries_dir):
+            entry = self._read_entry(folder)
+            if entry is None:
+                unreadable.append(folder)
+            else:
+                self._entries[entry.key] = entry
+        return unreadable
+
+    def leftovers(self) -> list[Path]:
+        """Temporary folders and in-use markers of processes that are gone (or, for markers, of this one:
+        a process with our pid that left them has died, as this one has loaded nothing yet)."""
+        tmp = [path for path in _children(self._tmp_dir) if not _owner_alive(path.name)]
+        markers = [path for path in _children(self._inuse_dir) if not _marker_live(path.name)]
+        return tmp + markers
+
+    def downloads(self) -> list[Path]:
+        """Temporary folders of live processes: downloads (or removals) in progress."""
+        return [path for path in _children(self._tmp_dir) if _owner_alive(path.name)]
 
     def _read_entry(self, folder: Path) -> CacheEntry | None:
         try:
@@ -199,6 +228,43 @@ class AdapterStore:
         except OSError:
             pass
 
+    # -- in use, on disk (leases live in one process's memory) ------------
+
+    def mark_in_use(self, entry: CacheEntry) -> bool:
+        """Record on disk that this process has the entry loaded; False (no marker) if its files are gone.
+
+        Under the entry's lock, like a removal: either the removal came first and this sees no files, or
+        the removal comes after and sees the marker. Blocks on the lock: call it from a worker thread.
+        """
+        self._make_dirs()
+        with self._lock(entry.key):
+            if not (entry.path / META).is_file():
+                return False
+            self._marker(entry.key).touch()
+        return True
+
+    def unmark_in_use(self, entry: CacheEntry) -> None:
+        self._marker(entry.key).unlink(missing_ok=True)
+
+    def in_use_by(self, key: str) -> list[int]:
+        """Pids of live processes that have marked the entry in use."""
+        pids = (_marker_pid(path.name) for path in _children(self._inuse_dir) if path.name.startswith(key + "."))
+        return sorted(pid for pid in pids if pid is not None and _pid_alive(pid))
+
+    def _marker(self, key: str) -> Path:
+        return self._inuse_dir / f"{key}.{os.getpid()}"
+
+    def discard(self, entry: CacheEntry) -> None:
+        """Delete an entry now (for `loraserve adapters rm`); EntryInUse if a live process has it loaded."""
+        try:
+            doomed = self._move_aside(entry)
+        except FileNotFoundError:  # deleted under us already
+            doomed = None
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
+
     # -- filling ----------------------------------------------------------
 
     async def ensure(
@@ -247,6 +313,8 @@ class AdapterStore:
             await anyio.to_thread.run_sync(lock.acquire)
             adopted = self._read_entry(self._entries_dir / snapshot.key)
             if adopted is not None:
+                # Written by another process (a server, `loraserve adapters pull`), checked against its base.
+                await anyio.to_thread.run_sync(check, adopted.path)
                 self._entries[adopted.key] = adopted
                 logger.info("adapter %s was cached by another server sharing the folder", snapshot.root)
                 return adopted
@@ -323,22 +391,28 @@ class AdapterStore:
         self.events.evicted_from_disk()
         if self._on_evict is not None:
             await self._on_evict(entry)
-        # Rename first so the entry vanishes at once; the slow delete happens after.
-        doomed = self._tmp_dir / f"{entry.key}.{os.getpid()}.{uuid.uuid4().hex}.evicted"
-
-        def move_aside() -> None:
-            self._make_dirs()
-            with self._lock(entry.key):  # not while another server sharing the folder writes it
-                os.replace(entry.path, doomed)
-
         try:
-            await anyio.to_thread.run_sync(move_aside)  # in a thread: the lock may be held a moment
+            doomed = await anyio.to_thread.run_sync(self._move_aside, entry)  # in a thread: the lock may be held
         except FileNotFoundError:  # deleted under us already
+            return
+        except EntryInUse as exc:
+            logger.warning("%s, so it stays on disk", exc)
             return
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(doomed, ignore_errors=True))
 
+    def _move_aside(self, entry: CacheEntry) -> Path:
+        """Rename the entry out of entries/ so it vanishes at once; the slow delete happens after."""
+        self._make_dirs()
+        doomed = self._tmp_dir / f"{entry.key}.{os.getpid()}.{uuid.uuid4().hex}.evicted"
+        with self._lock(entry.key):  # not while another process writes it or marks it in use
+            users = self.in_use_by(entry.key)
+            if users:
+                raise EntryInUse(entry, users)
+            os.replace(entry.path, doomed)
+        return doomed
+
     def _make_dirs(self) -> None:
-        for folder in (self._entries_dir, self._tmp_dir, self._locks_dir):
+        for folder in (self._entries_dir, self._tmp_dir, self._locks_dir, self._inuse_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def _lock(self, key: str) -> FileLock:
@@ -351,10 +425,43 @@ def _owner_alive(name: str) -> bool:
     parts = name.split(".")
     if len(parts) != 4 or not parts[1].isdigit():
         return False  # an older layout or a stray: nobody owns it
+    return _pid_alive(int(parts[1]))
+
+
+def _marker_pid(name: str) -> int | None:
+    key, _, pid = name.rpartition(".")
+    return int(pid) if key and pid.isdigit() else None
+
+
+def _marker_live(name: str) -> bool:
+    """Whether an ``inuse/<key>.<pid>`` marker's process runs (this process marks nothing before open())."""
+    pid = _marker_pid(name)
+    return pid is not None and pid != os.getpid() and _pid_alive(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # kill(0) would ask about our own process group
     try:
-        os.kill(int(parts[1]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # it exists, under another user
+    except OverflowError:
+        return False
     return True
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

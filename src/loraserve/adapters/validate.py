@@ -34,7 +34,7 @@ class BaseShapes:
     def from_folder(cls, folder: Path) -> BaseShapes:
         modules: dict[str, tuple[int, int]] = {}
         for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
+            with safe_open(str(file), framework="numpy") as handle:
                 for key in handle.keys():
                     if key.endswith(".weight"):
                         shape = handle.get_slice(key).get_shape()
@@ -60,6 +60,43 @@ def check_adapter(
 
     ``name`` is how logs call the adapter (the folder is often a temporary download folder).
     """
+    config, rank = _check_files(folder, max_rank)
+    _check_tensors(folder / WEIGHTS, base, rank)
+    named_base = config.get("base_model_name_or_path")
+    if isinstance(named_base, str) and named_base not in base_names:
+        # Shapes fit (checked above), so it loads; a differently named base is common after re-uploads.
+        logger.warning(
+            "adapter %s names base %r, not the served model; its shapes fit, loading it", name or folder, named_base
+        )
+    return _info(config, rank)
+
+
+def check_structure(folder: Path, max_rank: int) -> AdapterInfo:
+    """What can be checked without the base model (for `loraserve adapters pull`): a LoRA config, and
+    safetensors weights whose LoRA tensors have the config's rank. Fit to a base is checked on load."""
+    config, rank = _check_files(folder, max_rank)
+    lora_tensors = 0
+    for key, shape in _tensor_shapes(folder / WEIGHTS).items():
+        found = _LORA_KEY.fullmatch(key)
+        if found is None:
+            continue
+        ranked = shape[0] if found.group("part") == "A" else shape[-1]  # A is (r, in), B is (out, r)
+        if len(shape) != 2 or ranked != rank:
+            raise InvalidAdapter(f"the adapter's tensor {key} has shape {list(shape)}, which is not of rank {rank}")
+        lora_tensors += 1
+    if lora_tensors == 0:
+        raise InvalidAdapter("the adapter has no LoRA weights")
+    return _info(config, rank)
+
+
+def _info(config: dict[str, object], rank: int) -> AdapterInfo:
+    named_base = config.get("base_model_name_or_path")
+    targets = config.get("target_modules") or ()
+    return AdapterInfo(rank, named_base if isinstance(named_base, str) else None, tuple(_as_list(targets)))
+
+
+def _check_files(folder: Path, max_rank: int) -> tuple[dict[str, object], int]:
+    """A LoRA config with a rank this server takes, and safetensors weights (never a pickle)."""
     config = _read_config(folder)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise InvalidAdapter(f"only LoRA adapters are served; this one is peft_type={config.get('peft_type')!r}")
@@ -75,15 +112,7 @@ def check_adapter(
         raise InvalidAdapter("adapter_config.json has no valid rank `r`")
     if rank > max_rank:
         raise InvalidAdapter(f"the adapter's rank {rank} is above this server's --max-lora-rank {max_rank}")
-    _check_tensors(folder / WEIGHTS, base, rank)
-    named_base = config.get("base_model_name_or_path")
-    if isinstance(named_base, str) and named_base not in base_names:
-        # Shapes fit (checked above), so it loads; a differently named base is common after re-uploads.
-        logger.warning(
-            "adapter %s names base %r, not the served model; its shapes fit, loading it", name or folder, named_base
-        )
-    targets = config.get("target_modules") or ()
-    return AdapterInfo(rank, named_base if isinstance(named_base, str) else None, tuple(_as_list(targets)))
+    return config, rank
 
 
 def _read_config(folder: Path) -> dict[str, object]:
@@ -107,12 +136,17 @@ def _as_list(value: object) -> list[str]:
     return []
 
 
-def _check_tensors(weights: Path, base: BaseShapes, rank: int) -> None:
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        # numpy, not torch: only headers are read, and the cache commands must not wait for torch to import.
+        with safe_open(str(weights), framework="numpy") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as exc:  # a corrupt file: safetensors raises several types
         raise InvalidAdapter(f"{WEIGHTS} is not a readable safetensors file") from exc
+
+
+def _check_tensors(weights: Path, base: BaseShapes, rank: int) -> None:
+    shapes = _tensor_shapes(weights)
     matched = 0
     unknown: set[str] = set()
     for key, shape in shapes.items():

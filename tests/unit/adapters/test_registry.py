@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.sources import HubSource, LocalSource, S3Source
-from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.store import AdapterStore, CacheEntry, EntryInUse
 from loraserve.adapters.validate import BaseShapes
 from loraserve.engine import EngineRejected, LoraTarget
 from loraserve.errors import CacheFull, InvalidAdapter, ModelNotFound, SourceUnavailable
@@ -250,3 +251,60 @@ async def test_only_allowed_adapters_are_fetched_and_others_are_404_without_io(
         with pytest.raises(ModelNotFound):
             await registry.acquire(model, source, None)  # type: ignore[arg-type]
     assert not any("evil" in path for _, path in hub.request_log)
+
+
+def _markers(tmp_path: Path) -> list[str]:
+    folder = tmp_path / "cache" / "inuse"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+async def test_a_loaded_adapter_is_marked_in_use_on_disk_until_it_leaves_the_engine(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    one_adapter = sum(p.stat().st_size for p in write_adapter(tmp_path / "probe").iterdir())
+    registry = _registry(tmp_path, model_dir, FakeEngine(), budget=int(one_adapter * 1.5))
+    _publish(hub, tmp_path, "acme/a")
+    _publish(hub, tmp_path, "acme/b")
+    a = await registry.acquire("acme/a", "hub", None)
+    a.release()  # no request holds it, but the engine has it: `loraserve adapters rm` must not take it
+    assert _markers(tmp_path) == [f"{a.loaded.entry.key}.{os.getpid()}"]
+    beside = AdapterStore(tmp_path / "cache", 10**9)  # the cache commands' view
+    beside.scan()
+    with pytest.raises(EntryInUse):
+        beside.discard(beside.entries()[0])
+    b = await registry.acquire("acme/b", "hub", None)  # evicts a: unloaded, unmarked, deleted
+    assert _markers(tmp_path) == [f"{b.loaded.entry.key}.{os.getpid()}"]
+    assert not a.loaded.entry.path.exists()
+
+
+async def test_an_adapter_the_engine_refuses_is_not_left_marked(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine(reject_loras=True))
+    _publish(hub, tmp_path, "acme/a")
+    with pytest.raises(InvalidAdapter):
+        await registry.acquire("acme/a", "hub", None)
+    assert _markers(tmp_path) == []
+
+
+async def test_an_adapter_removed_between_download_and_load_is_fetched_again(
+    hub: FakeHub, tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = _registry(tmp_path, model_dir, FakeEngine())
+    store = registry._store
+    _publish(hub, tmp_path, "acme/a")
+    real_mark = store.mark_in_use
+    removed: list[str] = []
+
+    def rm_first(entry: CacheEntry) -> bool:
+        if not removed:  # `loraserve adapters rm` gets the lock just before the server does
+            beside = AdapterStore(tmp_path / "cache", 10**9)
+            beside.scan()
+            beside.discard(beside.get(entry.key))  # type: ignore[arg-type]
+            removed.append(entry.key)
+        return real_mark(entry)
+
+    monkeypatch.setattr(store, "mark_in_use", rm_first)
+    lease = await registry.acquire("acme/a", "hub", None)
+    assert removed and (lease.loaded.entry.path / "adapter_model.safetensors").is_file()
+    assert hub.hits[("acme/a", "adapter_model.safetensors")] == 2
+    assert _markers(tmp_path) == [f"{lease.loaded.entry.key}.{os.getpid()}"]
+    lease.release()

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.sources import RemoteFile, Snapshot
-from loraserve.adapters.store import AdapterStore, CacheEntry, plan_eviction
+from loraserve.adapters.store import AdapterStore, CacheEntry, EntryInUse, plan_eviction
 from loraserve.errors import AdapterTooLarge, CacheFull, InvalidAdapter
 
 
@@ -212,3 +216,66 @@ async def test_opening_the_cache_keeps_downloads_of_live_owners_and_sweeps_dead_
     gate.set()
     entry = await asyncio.wait_for(downloading, 10)  # the first server's download was left alone
     assert (entry.path / "weights").exists()
+
+
+@pytest.fixture
+def other_process() -> Iterator[int]:
+    """A live process other than this one (a server sharing the cache folder)."""
+    process = subprocess.Popen(["sleep", "120"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_mark_in_use_leaves_a_marker_until_unmarked_and_refuses_a_vanished_entry(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, 10_000)
+    store.open()
+    entry = await store.ensure(_snapshot("a", 10), _writer(10), lambda _: None)
+    assert store.mark_in_use(entry)
+    assert (tmp_path / "inuse" / f"{entry.key}.{os.getpid()}").is_file()
+    assert store.in_use_by(entry.key) == [os.getpid()]
+    store.unmark_in_use(entry)
+    assert store.in_use_by(entry.key) == []
+    shutil.rmtree(entry.path)  # removed by `loraserve adapters rm` before the engine read it
+    assert not store.mark_in_use(entry)
+    assert store.in_use_by(entry.key) == []
+
+
+async def test_an_entry_another_live_process_has_loaded_is_never_removed(tmp_path: Path, other_process: int) -> None:
+    store = AdapterStore(tmp_path, 1000)
+    store.open()
+    entry = await store.ensure(_snapshot("a", 600), _writer(600), lambda _: None)
+    (tmp_path / "inuse" / f"{entry.key}.{other_process}").touch()
+    with pytest.raises(EntryInUse) as raised:
+        store.discard(entry)
+    assert raised.value.pids == [other_process]
+    await store.ensure(_snapshot("b", 600), _writer(600), lambda _: None)  # evicts "a" from this index only
+    assert store.get(entry.key) is None and (entry.path / "weights").is_file()
+
+
+async def test_opening_the_cache_sweeps_in_use_markers_of_processes_that_are_gone(
+    tmp_path: Path, other_process: int
+) -> None:
+    inuse = tmp_path / "inuse"
+    inuse.mkdir(parents=True)
+    live, dead, ours = (inuse / f"k.{pid}" for pid in (other_process, 999_999_999, os.getpid()))
+    for marker in (live, dead, ours):
+        marker.touch()
+    AdapterStore(tmp_path, 10_000).open()  # "ours": left by a dead process that had our pid; we loaded nothing
+    assert [p.name for p in inuse.iterdir()] == [live.name]
+
+
+async def test_an_entry_another_process_wrote_is_checked_before_it_is_adopted(tmp_path: Path) -> None:
+    server = AdapterStore(tmp_path, 10_000)
+    server.open()
+    snapshot = _snapshot("a", 10)
+    await AdapterStore(tmp_path, 10_000).ensure(snapshot, _writer(10), lambda _: None)  # `adapters pull`
+
+    def refuse(_: Path) -> None:
+        raise InvalidAdapter("not for this base")
+
+    with pytest.raises(InvalidAdapter):
+        await server.ensure(snapshot, _writer(10), refuse)
+    assert server.get(snapshot.key) is None and (tmp_path / "entries" / snapshot.key).is_dir()
