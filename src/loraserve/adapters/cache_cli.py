@@ -310,7 +310,8 @@ def _rm(args: argparse.Namespace, settings: Settings) -> int:
             pids = ", ".join(map(str, exc.pids))
             print(
                 f"loraserve adapters rm: {entry.root} is loaded by the loraserve server with pid {pids}; "
-                "not removed. It can go once that server has evicted it or stopped.",
+                "not removed. Unload it first (POST /v1/unload_lora_adapter with its name), or it can go once "
+                "that server has evicted it or stopped.",
                 file=sys.stderr,
             )
             continue
