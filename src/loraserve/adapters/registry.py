@@ -53,6 +53,10 @@ class LoadedAdapter:
         self.idle.set()
 
 
+class _EngineRefused(InvalidAdapter):
+    """The engine refused the snapshot (a 400 to the client); the caller drops it from the cache."""
+
+
 class _EntryVanished(Exception):
     """The entry's files were removed before it could be marked in use (`loraserve adapters rm`)."""
 
@@ -170,13 +174,19 @@ class AdapterRegistry:
             return None
         # Held across the load: between download and add_lora the entry is in use, so making room
         # for another adapter cannot delete the files the engine is about to read.
-        with self._store.lease(entry):
-            try:
-                loaded = await self._load(entry)
-            except _EntryVanished:
-                return None
-            if self._store.get(entry.key) is entry and loaded.entry is entry and not loaded.retired:
-                return AdapterLease(self._store, loaded)
+        try:
+            with self._store.lease(entry):
+                try:
+                    loaded = await self._load(entry)
+                except _EntryVanished:
+                    return None
+                if self._store.get(entry.key) is entry and loaded.entry is entry and not loaded.retired:
+                    return AdapterLease(self._store, loaded)
+        except _EngineRefused:
+            # A snapshot the engine refuses would fail every time: drop it from the cache, now that this
+            # request's lease is off it (evict leaves entries in use alone).
+            await self._store.evict(entry)
+            raise
         return None
 
     async def lease_entry(self, entry: CacheEntry) -> AdapterLease:
@@ -258,10 +268,8 @@ class AdapterRegistry:
             await self._engine.add_lora(target)
         except EngineRejected as exc:
             self._store.unmark_in_use(entry)
-            # A snapshot the engine refuses would fail every time: drop it from the cache.
-            await self._store.evict(entry)
             reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
-            raise InvalidAdapter(f"the engine could not load {entry.ref.display()}: {reason}") from exc
+            raise _EngineRefused(f"the engine could not load {entry.ref.display()}: {reason}") from exc
         except EngineDead as exc:
             self._store.unmark_in_use(entry)
             raise EngineUnavailable("The inference engine is not available; try again later.") from exc

@@ -283,6 +283,7 @@ async def test_an_adapter_the_engine_refuses_is_not_left_marked(hub: FakeHub, tm
     with pytest.raises(InvalidAdapter):
         await registry.acquire("acme/a", "hub", None)
     assert _markers(tmp_path) == []
+    assert registry.entries() == []  # it would fail every time: dropped from the cache too
 
 
 async def test_an_adapter_removed_between_download_and_load_is_fetched_again(
