@@ -6,6 +6,7 @@
     │   ├── ChatTemplateMissing         400 code=chat_template_missing
     │   ├── UnsupportedParameter        400 code=unsupported_parameter
     │   ├── InvalidAdapter              400 code=invalid_adapter
+    │   ├── InvalidMerge                400 code=invalid_merged_adapters
     │   └── AdapterTooLarge             400 code=adapter_too_large
     ├── AuthenticationFailed            401 code=invalid_api_key
     ├── TooManyRequests                 429 code=rate_limit_exceeded, Retry-After
@@ -81,6 +82,12 @@ class InvalidAdapter(InvalidRequest):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, param="model")
+
+
+class InvalidMerge(InvalidRequest):
+    """A `merged_adapters` request that cannot be merged: a bad field, or adapters that do not fit together."""
+
+    code = "invalid_merged_adapters"
 
 
 class AdapterTooLarge(InvalidRequest):
