@@ -12,7 +12,8 @@ from typing import Literal
 
 from loraserve.errors import ModelNotFound
 
-SourceKind = Literal["hub", "local", "s3"]
+# "merged": an adapter merged from others (adapters/merge.py); named by its inputs, never by a request.
+SourceKind = Literal["hub", "local", "s3", "merged"]
 
 # Hub repo ids: "org/name", each part a conservative subset of what the Hub allows.
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
@@ -35,6 +36,8 @@ class AdapterRef:
 
 def parse_ref(model: str, source: SourceKind) -> AdapterRef:
     """Turn a request's `model` into a reference, or 404 without any I/O."""
+    if source == "merged":
+        raise ModelNotFound(model)
     if source == "hub":
         name, _, revision = model.partition("@")
         if not _HUB_ID.fullmatch(name) or ".." in name:
@@ -60,4 +63,6 @@ def split_spec(spec: str) -> tuple[SourceKind, str]:
         return "local", spec.removeprefix("local:")
     if spec.startswith("s3://"):
         return "s3", spec
+    if spec.startswith("merged:"):  # a merged adapter in the cache (`loraserve adapters rm merged:…`)
+        return "merged", spec
     return "hub", spec

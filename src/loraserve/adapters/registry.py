@@ -17,6 +17,8 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,12 @@ import anyio
 from cachetools import TTLCache
 from transformers import PreTrainedTokenizerBase
 
+from loraserve.adapters.merge import MergeSpec, merge_adapters, merge_key, planned_size
 from loraserve.adapters.ref import AdapterRef, SourceKind, parse_ref, split_spec
 from loraserve.adapters.single_flight import SingleFlight
-from loraserve.adapters.sources import Snapshot, Source
+from loraserve.adapters.sources import RemoteFile, Snapshot, Source
 from loraserve.adapters.store import AdapterStore, CacheEntry
-from loraserve.adapters.validate import BaseShapes, check_adapter
+from loraserve.adapters.validate import WEIGHTS, BaseShapes, check_adapter
 from loraserve.engine import Engine, EngineDead, EngineRejected, LoraTarget
 from loraserve.errors import EngineUnavailable, InvalidAdapter, ModelNotFound, SourceUnavailable
 from loraserve.templates import ChatFormat, load_tokenizer
@@ -59,6 +62,14 @@ class _EngineRefused(InvalidAdapter):
 
 class _EntryVanished(Exception):
     """The entry's files were removed before it could be marked in use (`loraserve adapters rm`)."""
+
+
+class _InputsNeeded(Exception):
+    """A merge thought cached has to be made after all (its files vanished): fetch its inputs and merge."""
+
+
+def _inputs_needed(dest: Path) -> None:
+    raise _InputsNeeded
 
 
 class AdapterLease:
@@ -149,6 +160,68 @@ class AdapterRegistry:
             if lease is not None:
                 return lease
         raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
+
+    async def acquire_merged(self, spec: MergeSpec, source: SourceKind, request_token: str | None) -> AdapterLease:
+        """One LoRA merged from ``spec.ids`` (each from ``source``), cached under a key of the spec and of its
+        inputs' pinned versions, and served like any adapter (its name is ``merged:<16 hex digits of the key>``).
+
+        Each input is resolved with the requester's token, as ``acquire`` resolves one adapter, so only a
+        requester who may read every input gets the merge; it is public only if they all are. A cached merge
+        needs none of its inputs on disk; a new one fetches them into the cache, leases them while
+        ``merge_adapters`` runs in a worker thread, and reserves the merge's size in the budget first.
+        """
+        refs = [parse_ref(model, source) for model in spec.ids]
+        for model, ref in zip(spec.ids, refs, strict=True):
+            if not self.allows(ref):
+                raise ModelNotFound(model)
+        token = request_token or self._server_token if source == "hub" else None
+        fingerprint = token_fingerprint(token)
+        snapshots = await asyncio.gather(*(self._resolve(ref, token, fingerprint) for ref in refs))
+        key = merge_key(spec, [f"{s.ref.source}:{s.ref.name}@{s.version}" for s in snapshots])
+        merged = AdapterRef("merged", f"merged:{key[:16]}")
+        public = all(s.public for s in snapshots)
+        for attempt in range(3):
+            # Size unknown yet: enough to find the entry, which is all a cache hit needs.
+            probe = Snapshot(merged, key, (), public)
+            try:
+                if attempt == 0 and self._store.get(probe.key) is not None:
+                    entry = await self._store.ensure(probe, _inputs_needed, self._checker(merged))
+                else:
+                    entry = await self._merge_into_cache(spec, probe, snapshots, token, fingerprint)
+            except _InputsNeeded:
+                continue
+            lease = await self._lease(entry)
+            if lease is not None:
+                return lease
+        raise SourceUnavailable(f"{merged.display()} was evicted while loading; try again.")
+
+    async def _merge_into_cache(
+        self, spec: MergeSpec, probe: Snapshot, inputs: list[Snapshot], token: str | None, fingerprint: str
+    ) -> CacheEntry:
+        with ExitStack() as held:  # the inputs stay on disk until the merge is written
+            folders = [(await self._hold_input(snapshot, token, fingerprint, held)).path for snapshot in inputs]
+            size = await anyio.to_thread.run_sync(planned_size, folders, spec)
+            snapshot = Snapshot(probe.ref, probe.version, (RemoteFile(WEIGHTS, size),), probe.public)
+            return await self._store.ensure(
+                snapshot, lambda dest: merge_adapters(folders, spec, dest), self._checker(probe.ref)
+            )
+
+    async def _hold_input(self, snapshot: Snapshot, token: str | None, fingerprint: str, held: ExitStack) -> CacheEntry:
+        source_impl = self._sources[snapshot.ref.source]
+        for _ in range(3):
+            entry = await self._store.ensure(
+                snapshot,
+                fetch=lambda dest: source_impl.fetch(snapshot, dest, token),
+                check=self._checker(snapshot.ref),
+            )
+            if self._store.get(entry.key) is entry:  # not evicted while others ran
+                self._verified.setdefault(entry.key, set()).add(fingerprint)
+                held.enter_context(self._store.lease(entry))
+                return entry
+        raise SourceUnavailable(f"{snapshot.ref.display()} was evicted while loading; try again.")
+
+    def _checker(self, ref: AdapterRef) -> Callable[[Path], None]:
+        return lambda folder: self._check(folder, ref.display())
 
     def allows(self, ref: AdapterRef) -> bool:
         """--allow-adapter: globs on the reference as --preload-adapter writes it (org/name, local:NAME, s3://…)."""

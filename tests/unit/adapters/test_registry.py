@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from loraserve.adapters import registry as registry_module
+from loraserve.adapters.merge import MergeSpec, merge_key
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.sources import HubSource, LocalSource, S3Source
 from loraserve.adapters.store import AdapterStore, CacheEntry, EntryInUse
@@ -39,6 +41,7 @@ def _registry(
     ttl: float = 60,
     source_timeout: float = 20.0,
     allowed: list[str] | None = None,
+    local_roots: list[Path] | None = None,
 ) -> AdapterRegistry:
     write_base(model_dir)
     store = AdapterStore(tmp_path / "cache", budget)
@@ -46,7 +49,11 @@ def _registry(
     registry = AdapterRegistry(
         engine=engine,
         store=store,
-        sources={"hub": HubSource(source_timeout), "local": LocalSource([]), "s3": S3Source(source_timeout)},
+        sources={
+            "hub": HubSource(source_timeout),
+            "local": LocalSource(local_roots or []),
+            "s3": S3Source(source_timeout),
+        },
         base_shapes=BaseShapes.from_folder(model_dir),
         base_names=frozenset({"base"}),
         base_tokenizer=ChatFormat(load_tokenizer(model_dir)).tokenizer,
@@ -309,3 +316,66 @@ async def test_an_adapter_removed_between_download_and_load_is_fetched_again(
     assert hub.hits[("acme/a", "adapter_model.safetensors")] == 2
     assert _markers(tmp_path) == [f"{lease.loaded.entry.key}.{os.getpid()}"]
     lease.release()
+
+
+async def test_a_merge_is_cached_once_under_its_inputs_and_a_second_request_hits_it(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = FakeEngine()
+    root = tmp_path / "adapters"
+    write_adapter(root / "a")
+    write_adapter(root / "b", rank=8)
+    registry = _registry(tmp_path, model_dir, engine, local_roots=[root])
+    merges: list[list[Path]] = []
+    real_merge = registry_module.merge_adapters
+
+    def counted(folders: list[Path], spec: MergeSpec, dest: Path, seed: int | None = None) -> None:
+        merges.append(list(folders))
+        real_merge(folders, spec, dest, seed)
+
+    monkeypatch.setattr(registry_module, "merge_adapters", counted)
+    spec = MergeSpec(("a", "b"), (0.5, 0.5))
+    leases = await asyncio.gather(*(registry.acquire_merged(spec, "local", None) for _ in range(3)))
+    entry = leases[0].loaded.entry
+    assert {lease.loaded.entry.key for lease in leases} == {entry.key} and len(merges) == 1
+    inputs = {e.ref.name: e for e in registry.entries() if e.ref.source == "local"}
+    assert entry.version == merge_key(spec, [f"local:{n}@{inputs[n].version}" for n in ("a", "b")])
+    assert (entry.ref.source, entry.ref.name, entry.public) == ("merged", f"merged:{entry.version[:16]}", True)
+    assert (entry.path / "adapter_model.safetensors").is_file() and len(engine.loras) == 1
+    assert all(e.leases == 0 for e in inputs.values())  # held only while merging
+    for lease in leases:
+        lease.release()
+    for source_entry in inputs.values():  # a cached merge needs none of its inputs
+        await registry._store.evict(source_entry)
+    again = await registry.acquire_merged(MergeSpec(("a", "b"), (0.5, 0.5), "linear", 0.3), "local", None)
+    assert again.loaded.entry is entry and again.loaded.target == leases[0].loaded.target
+    assert len(merges) == 1 and [e.ref.source for e in registry.entries()] == ["merged"]
+    other = await registry.acquire_merged(MergeSpec(("a", "b"), (0.7, 0.3)), "local", None)
+    assert other.loaded.entry.key != entry.key and len(merges) == 2
+
+
+async def test_a_new_version_of_an_input_is_a_new_merge(tmp_path: Path, model_dir: Path) -> None:
+    root = tmp_path / "adapters"
+    write_adapter(root / "a")
+    write_adapter(root / "b")
+    registry = _registry(tmp_path, model_dir, FakeEngine(), ttl=0, local_roots=[root])
+    spec = MergeSpec(("a", "b"), (1.0, 1.0))
+    first = await registry.acquire_merged(spec, "local", None)
+    write_adapter(root / "b", rank=8)
+    second = await registry.acquire_merged(spec, "local", None)
+    assert first.loaded.entry.key != second.loaded.entry.key
+    assert first.loaded.target.int_id != second.loaded.target.int_id
+
+
+async def test_every_input_of_a_merge_must_be_allowed_and_merged_names_are_never_requested(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    root = tmp_path / "adapters"
+    write_adapter(root / "team" / "a")
+    write_adapter(root / "other")
+    registry = _registry(tmp_path, model_dir, FakeEngine(), allowed=["local:team/*"], local_roots=[root])
+    with pytest.raises(ModelNotFound, match="`other`"):
+        await registry.acquire_merged(MergeSpec(("team/a", "other"), (0.5, 0.5)), "local", None)
+    assert registry.entries() == []
+    with pytest.raises(ModelNotFound):
+        await registry.acquire("merged:0123456789abcdef", "merged", None)
