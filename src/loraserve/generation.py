@@ -1,23 +1,26 @@
-"""From a validated OpenAI request to engine output: prompts, limits, sampling, errors.
+"""The one request pipeline behind every front door (OpenAI chat, OpenAI completions, LoRAX's generate).
 
-Routes call this and only shape the answer; this module knows no HTTP.
+A front door translates its body into a ``GenerationRequest``; ``Generator.prepare``
+resolves the model (holding its adapter for as long as the ``async with`` lasts),
+builds and counts the prompts, fits the context and asks the request for its
+sampling options; ``complete`` and ``open_stream`` run it. This module knows no HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from transformers import PreTrainedTokenizerBase
 
 from loraserve import templates
+from loraserve.adapters.ref import SourceKind
 from loraserve.engine import (
     CompletionDelta,
     Engine,
@@ -35,17 +38,59 @@ from loraserve.errors import (
     EngineUnavailable,
     InvalidRequest,
     ServerBusy,
-    UnsupportedParameter,
 )
 from loraserve.models import ModelCatalog, ModelTarget
-from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from loraserve.shutdown import Drain
-from loraserve.structured import response_format_constraint
-from loraserve.tools import ToolPlan, plan_tools
+from loraserve.streams import PrimedStream, merge_streams
+from loraserve.tools import ToolPlan
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+class SamplingSource(Protocol):
+    """A request body that knows how it wants to be sampled, once the pipeline knows the room left."""
+
+    def to_sampling_options(
+        self, *, max_tokens: int, vocab_size: int, structured: StructuredOutput | None
+    ) -> SamplingOptions: ...
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """Messages to render with the model's chat template (and the tools it may call)."""
+
+    messages: list[dict[str, Any]]
+    tools: ToolPlan | None = None
+    param: str = "messages"  # what an error about the prompt names
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """Prompts used as they are: strings or token ids."""
+
+    prompts: list[str | list[int]]
+    truncate: int | None = None  # keep only the last N prompt tokens (LoRAX's `truncate`)
+    param: str = "prompt"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What every front door's body becomes."""
+
+    model: str
+    prompt: ChatInput | TextInput
+    sampling: SamplingSource
+    id_prefix: str  # "chatcmpl", "cmpl", "gen": the response id's prefix
+    n: int = 1  # choices returned per prompt
+    samples: int = 1  # samples drawn per prompt (more than n with best_of)
+    samples_param: str = "n"
+    max_tokens: int | None = None  # None: what the context leaves
+    max_tokens_param: str = "max_tokens"
+    structured: StructuredOutput | None = None
+    adapter_source: SourceKind = "hub"
+    hub_token: str | None = None
+    echo: bool = False
+    want_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +148,8 @@ class FinishedChoice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -110,6 +157,7 @@ class FinishedCompletion:
     choices: list[FinishedChoice]
     prompt_tokens: int
     completion_tokens: int
+    ranked_out: list[FinishedChoice] = field(default_factory=list)  # best_of samples that were not kept
 
 
 class Generator:
@@ -122,80 +170,38 @@ class Generator:
     # -- preparing --------------------------------------------------------
 
     @asynccontextmanager
-    async def prepare_chat(
-        self, body: ChatCompletionRequest, hub_token: str | None = None
-    ) -> AsyncIterator[PreparedRequest]:
-        """The engine request for a chat body, with its model held until the ``async with`` ends."""
-        _log_unknown_fields(body)
-        self._check_n(body.n, "n")
-        tools = plan_tools(body)
-        structured = response_format_constraint(body.response_format)
-        if tools is not None and tools.constraint is not None:
-            if structured is not None:
-                raise InvalidRequest(
-                    "`response_format` cannot be combined with a tool_choice that forces a tool call.",
-                    param="response_format",
-                )
-            structured = tools.constraint
-        async with self._catalog.resolve(body.model, body.adapter_source, hub_token) as target:
-            messages = [_message_dict(m) for m in body.messages]
-            tool_specs = tools.template_tools if tools else None
-            text = await templates.render_chat(target.chat, messages, tool_specs)
-            # The template already wrote any BOS/special tokens it wants.
-            encoded = await anyio.to_thread.run_sync(lambda: target.chat.tokenizer(text, add_special_tokens=False))
-            prompt_ids = list(encoded["input_ids"])
-            top = body.top_logprobs or 0
-            options = self._options(
-                body,
-                target.chat.tokenizer,
-                self._room(len(prompt_ids), body.token_limit(), "messages", body.token_limit_param()),
-                n=body.n,
-                logprobs=top if body.logprobs else None,
-                structured=structured,
+    async def prepare(self, request: GenerationRequest) -> AsyncIterator[PreparedRequest]:
+        """The engine requests for ``request``, with its model held until the ``async with`` ends."""
+        self._check_n(request.samples, request.samples_param)
+        async with self._catalog.resolve(request.model, request.adapter_source, request.hub_token) as target:
+            prompt = request.prompt
+            if isinstance(prompt, ChatInput):
+                encoded = [await self._render_chat(target, prompt)]
+            else:
+                encoded = [await self._encode_prompt(target.chat.tokenizer, p, prompt.truncate) for p in prompt.prompts]
+            room = min(
+                self._room(len(ids), request.max_tokens, prompt.param, request.max_tokens_param) for ids, _ in encoded
+            )
+            options = request.sampling.to_sampling_options(
+                max_tokens=room, vocab_size=len(target.chat.tokenizer), structured=request.structured
             )
             options, copies = _greedy_copies(options)
-            call = EngineCall(f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "")
-            yield PreparedRequest(call.request_id, target, [call], options, body.n, False, body.logprobs, tools, copies)
-
-    @asynccontextmanager
-    async def prepare_completion(
-        self, body: CompletionRequest, hub_token: str | None = None
-    ) -> AsyncIterator[PreparedRequest]:
-        """The engine requests for a completions body, with its model held until the ``async with`` ends."""
-        _log_unknown_fields(body)
-        if body.suffix:
-            raise UnsupportedParameter("`suffix` (insertion) is not supported by this server.", param="suffix")
-        if body.response_format is not None:
-            raise UnsupportedParameter(
-                "`response_format` (JSON mode) is only for /v1/chat/completions.", param="response_format"
-            )
-        samples = body.best_of or body.n
-        self._check_n(samples, "best_of" if body.best_of else "n")
-        prompts = _split_prompts(body.prompt)
-        if not prompts:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise InvalidRequest(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
-        async with self._catalog.resolve(body.model, body.adapter_source, hub_token) as target:
-            tokenizer = target.chat.tokenizer
-            encoded = [await self._encode_prompt(tokenizer, p) for p in prompts]
-            room = min(self._room(len(ids), body.max_tokens, "prompt", "max_tokens") for ids, _ in encoded)
-            ranking = samples > body.n  # best_of: rank samples by their cumulative logprob
-            logprobs = body.logprobs if body.logprobs is not None else (0 if ranking else None)
-            options = self._options(
-                body,
-                tokenizer,
-                room,
-                n=samples,
-                logprobs=logprobs,
-                prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
-            )
-            options, copies = _greedy_copies(options)
-            response_id = f"cmpl-{uuid.uuid4().hex}"
-            calls = [EngineCall(f"{response_id}-{i}", ids, text) for i, (ids, text) in enumerate(encoded)]
+            response_id = f"{request.id_prefix}-{uuid.uuid4().hex}"
+            if isinstance(prompt, ChatInput):
+                calls = [EngineCall(response_id, *encoded[0])]
+            else:  # one engine request per prompt, numbered within the response
+                calls = [EngineCall(f"{response_id}-{i}", ids, text) for i, (ids, text) in enumerate(encoded)]
+            tools = prompt.tools if isinstance(prompt, ChatInput) else None
             yield PreparedRequest(
-                response_id, target, calls, options, body.n, body.echo, body.logprobs is not None, None, copies
+                response_id, target, calls, options, request.n, request.echo, request.want_logprobs, tools, copies
             )
+
+    async def _render_chat(self, target: ModelTarget, chat: ChatInput) -> tuple[list[int], str]:
+        tool_specs = chat.tools.template_tools if chat.tools else None
+        text = await templates.render_chat(target.chat, chat.messages, tool_specs)
+        # The template already wrote any BOS/special tokens it wants.
+        encoded = await anyio.to_thread.run_sync(lambda: target.chat.tokenizer(text, add_special_tokens=False))
+        return list(encoded["input_ids"]), ""
 
     def _check_n(self, n: int, param: str) -> None:
         if n > self._max_n:
@@ -204,12 +210,15 @@ class Generator:
             )
 
     async def _encode_prompt(
-        self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]
+        self, tokenizer: PreTrainedTokenizerBase, prompt: str | list[int], truncate: int | None = None
     ) -> tuple[list[int], str]:
         if isinstance(prompt, str):
             ids = list(await anyio.to_thread.run_sync(lambda: tokenizer(prompt)["input_ids"]))
             if not ids:
                 raise InvalidRequest("The prompt is empty.", param="prompt")
+            if truncate is not None and len(ids) > truncate:
+                ids = ids[-truncate:]
+                return ids, str(tokenizer.decode(ids))
             return ids, prompt
         vocab = len(tokenizer)
         bad = [t for t in prompt if t >= vocab]
@@ -240,42 +249,6 @@ class Generator:
             )
         return requested_max if requested_max is not None else room
 
-    def _options(
-        self,
-        body: _SamplingFields,
-        tokenizer: PreTrainedTokenizerBase,
-        max_tokens: int,
-        *,
-        n: int,
-        logprobs: int | None,
-        prompt_logprobs: int | None = None,
-        structured: StructuredOutput | None = None,
-    ) -> SamplingOptions:
-        if body.min_tokens > max_tokens:
-            raise InvalidRequest(
-                f"`min_tokens` ({body.min_tokens}) is above max_tokens ({max_tokens}).", param="min_tokens"
-            )
-        return SamplingOptions(
-            max_tokens=max_tokens,
-            n=n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=0 if body.top_k is None else body.top_k,
-            min_p=0.0 if body.min_p is None else body.min_p,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            stop=body.stop_list(),
-            seed=body.seed,
-            logit_bias=_logit_bias(body.logit_bias, len(tokenizer)),
-            min_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos,
-            skip_special_tokens=body.skip_special_tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            structured=structured,
-        )
-
     # -- running ----------------------------------------------------------
 
     async def complete(self, prepared: PreparedRequest) -> FinishedCompletion:
@@ -286,6 +259,8 @@ class Generator:
             async for call_index, delta in deltas:
                 choice = choices[(call_index, delta.index)]
                 choice.text += delta.text
+                choice.token_ids.extend(delta.token_ids)
+                choice.stop_reason = delta.stop_reason if delta.finish_reason else choice.stop_reason
                 completion_tokens += len(delta.token_ids)
                 choice.logprobs.extend(delta.logprobs or ())
                 choice.finish_reason = delta.finish_reason or choice.finish_reason
@@ -296,6 +271,7 @@ class Generator:
         if any(choice.finish_reason is None for choice in choices.values()):
             raise EngineFailure("The engine ended the request without a finish reason.")
         ordered: list[FinishedChoice] = []
+        ranked_out: list[FinishedChoice] = []
         for c in range(len(prepared.calls)):
             group = [choices[(c, i)] for i in range(per_call)]
             if per_call > prepared.n:  # best_of: keep the n most likely samples
@@ -303,11 +279,12 @@ class Generator:
                     key=lambda ch: float("-inf") if ch.cumulative_logprob is None else ch.cumulative_logprob,
                     reverse=True,
                 )
-                group = group[: prepared.n]
+                group, dropped = group[: prepared.n], group[prepared.n :]
+                ranked_out.extend(dropped)
             for local, choice in enumerate(group):
                 choice.index = prepared.choice_index(c, local)
                 ordered.append(choice)
-        return FinishedCompletion(ordered, prepared.prompt_tokens, completion_tokens)
+        return FinishedCompletion(ordered, prepared.prompt_tokens, completion_tokens, ranked_out)
 
     async def open_stream(self, prepared: PreparedRequest) -> PrimedStream:
         """Start generating and wait for the first delta, so that errors the engine
@@ -334,7 +311,7 @@ class Generator:
             for call in prepared.calls
         ]
         try:
-            async with aclosing(_merge(streams)) as merged:
+            async with aclosing(merge_streams(streams)) as merged:
                 # A stopping server ends what is still running at its deadline (one place for every door).
                 source = merged if self._drain is None else self._drain.until_expired(merged)
                 async for call_index, delta in source:
@@ -354,130 +331,9 @@ class Generator:
             raise EngineFailure("The engine failed while generating; the request was not completed.") from exc
 
 
-async def _merge(
-    streams: list[AsyncGenerator[CompletionDelta, None]],
-) -> AsyncGenerator[tuple[int, CompletionDelta], None]:
-    """Interleave several engine streams; closing the merge closes (and so aborts) them all."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for delta in only:
-                yield 0, delta
-        return
-    queue: asyncio.Queue[tuple[int, CompletionDelta | None, BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncGenerator[CompletionDelta, None]) -> None:
-        try:
-            async for delta in stream:
-                await queue.put((index, delta, None))
-            await queue.put((index, None, None))
-        except Exception as exc:  # handed to the consumer, which re-raises it
-            await queue.put((index, None, exc))
-        finally:
-            await stream.aclose()
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
-    try:
-        while remaining:
-            index, item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is None:
-                remaining -= 1
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class PrimedStream:
-    """An engine stream whose first delta has already arrived.
-
-    ``aclose()`` always closes (and so aborts) the underlying stream, even when
-    iteration never started, unlike an async generator's.
-    """
-
-    def __init__(self, first: CompletionDelta, rest: AsyncGenerator[CompletionDelta, None]) -> None:
-        self._first: CompletionDelta | None = first
-        self._rest = rest
-
-    def __aiter__(self) -> PrimedStream:
-        return self
-
-    async def __anext__(self) -> CompletionDelta:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await self._rest.__anext__()
-
-    async def aclose(self) -> None:
-        self._first = None
-        await self._rest.aclose()
-
-
 def _greedy_copies(options: SamplingOptions) -> tuple[SamplingOptions, int]:
     """Greedy decoding gives every sample the same answer, and vLLM refuses n > 1 with it:
     ask the engine once and copy, as OpenAI returns n identical choices."""
     if options.temperature == 0 and options.n > 1:
         return replace(options, n=1), options.n
     return options, 1
-
-
-_seen_unknown: set[str] = set()
-
-
-def _log_unknown_fields(body: _SamplingFields) -> None:
-    """Unknown fields are ignored, as OpenAI clients send new ones; say so once per field."""
-    for name in body.model_extra or {}:
-        if name not in _seen_unknown and len(_seen_unknown) < 256:
-            _seen_unknown.add(name)
-            logger.info("ignoring unknown request field %r (logged once)", name)
-
-
-def _split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    items: list[Any] = list(prompt)
-    if items and isinstance(items[0], int):
-        return [items]
-    return items
-
-
-def _logit_bias(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
-    if not bias:
-        return ()
-    pairs = []
-    for key, value in bias.items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
-            raise InvalidRequest(
-                f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1}).", param="logit_bias"
-            )
-        pairs.append((int(key), float(value)))
-    return tuple(pairs)
-
-
-def _message_dict(message: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"role": message.role, "content": message.text()}
-    if message.name is not None:
-        data["name"] = message.name
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": _function_for_template(call.function)}
-            for call in message.tool_calls
-        ]
-    if message.tool_call_id is not None:
-        data["tool_call_id"] = message.tool_call_id
-    return data
-
-
-def _function_for_template(function: Any) -> dict[str, Any]:
-    # Chat templates expect arguments as a mapping; OpenAI sends a JSON string.
-    import json
-
-    try:
-        arguments: Any = json.loads(function.arguments) if function.arguments else {}
-    except json.JSONDecodeError:
-        arguments = function.arguments
-    return {"name": function.name, "arguments": arguments}

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loraserve.engine import StructuredOutput
+from loraserve.engine import CompletionDelta, StructuredOutput, TokenLogprob
+from loraserve.events import TextDelta, ToolCallsDelta
 from loraserve.protocol.requests import ChatCompletionRequest, NamedToolChoice
 from loraserve.structured import check_schema
 
@@ -103,3 +105,37 @@ def _calls_from_json(text: str, names: frozenset[str]) -> list[ParsedToolCall] |
         text_arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
         calls.append(ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", str(item["name"]), text_arguments))
     return calls or None
+
+
+@dataclass
+class _HeldChoice:
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    holding: bool = True
+
+
+class ToolHoldBack:
+    """Streaming with tools: a choice's text is held back while it may still turn into a tool call, then
+    released as content, or turned into tool calls when the choice ends."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self._plan = plan
+        self._choices: dict[int, _HeldChoice] = {}
+
+    def feed(self, delta: CompletionDelta) -> Iterator[TextDelta | ToolCallsDelta]:
+        held = self._choices.setdefault(delta.index, _HeldChoice())
+        if not held.holding:
+            yield TextDelta.of(delta)
+            return
+        held.text += delta.text
+        held.logprobs.extend(delta.logprobs or ())
+        if delta.finish_reason is None:
+            if not self._plan.may_be_call(held.text):
+                held.holding = False
+                yield TextDelta(delta.index, held.text, logprobs=held.logprobs)
+            return
+        calls = self._plan.parse(held.text)
+        if calls:
+            yield ToolCallsDelta(delta.index, calls, held.logprobs)
+        else:
+            yield TextDelta(delta.index, held.text, logprobs=held.logprobs, finish_reason=delta.finish_reason)

@@ -12,8 +12,9 @@ from loraserve.base_model import BaseModel
 from loraserve.generation import Generator
 from loraserve.models import ModelCatalog
 from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
+from loraserve.routes.answer import EventStream
 from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
-from loraserve.routes.openai import _chat_events
+from loraserve.routes.openai import _chat_events, chat_request
 from loraserve.templates import ChatFormat, load_tokenizer
 from tests.unit.conftest import FakeEngine
 
@@ -29,9 +30,9 @@ async def test_closing_a_stream_early_aborts_the_engine_request(model_dir: Path)
     engine = FakeEngine(delay=0.01)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
-    async with generator.prepare_chat(body) as prepared:
+    async with generator.prepare(chat_request(body)) as prepared:
         deltas = await generator.open_stream(prepared)
-        events = _chat_events(prepared, deltas, 0, "", False)
+        events = _chat_events(prepared, deltas, 0, False)
         await events.__anext__()
         await events.__anext__()
         assert engine.running == {prepared.request_id}
@@ -52,7 +53,7 @@ async def test_non_streaming_request_is_aborted_when_the_client_leaves(model_dir
     engine = FakeEngine(delay=0.05)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50)
-    async with generator.prepare_chat(body) as prepared:
+    async with generator.prepare(chat_request(body)) as prepared:
         try:
             await cancel_on_disconnect(_GoneRequest(), generator.complete(prepared))  # type: ignore[arg-type]
         except ClientDisconnected:
@@ -64,13 +65,12 @@ async def test_non_streaming_request_is_aborted_when_the_client_leaves(model_dir
 
 
 async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_dir: Path) -> None:
-    from loraserve.routes.openai import _EventStream
 
     engine = FakeEngine(delay=0.01)
     generator = _generator(engine, model_dir)
     body = ChatCompletionRequest(model="", messages=[{"role": "user", "content": "hello"}], max_tokens=50, stream=True)
     held = AsyncExitStack()
-    prepared = await held.enter_async_context(generator.prepare_chat(body))
+    prepared = await held.enter_async_context(generator.prepare(chat_request(body)))
     deltas = await generator.open_stream(prepared)
     held.push_async_callback(deltas.aclose)
     released: list[bool] = []
@@ -82,7 +82,7 @@ async def test_a_stream_whose_body_never_starts_still_aborts_and_releases(model_
     async def send(message: dict) -> None:
         raise OSError("client went away before the response started")
 
-    response = _EventStream(_chat_events(prepared, deltas, 0, "", False), held)
+    response = EventStream(_chat_events(prepared, deltas, 0, False), held)
     try:
         await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)  # type: ignore[arg-type]
     except (OSError, ClientDisconnect):

@@ -84,6 +84,7 @@ async def test_a_request_cancelled_mid_generation_aborts_its_engine_request(
     from loraserve.generation import Generator
     from loraserve.models import ModelCatalog
     from loraserve.protocol.requests import CompletionRequest
+    from loraserve.routes.openai import completion_request
     from loraserve.shutdown import Drain
     from loraserve.templates import ChatFormat, load_tokenizer
 
@@ -92,7 +93,8 @@ async def test_a_request_cancelled_mid_generation_aborts_its_engine_request(
     drain = Drain(30)
     drain.attach(asyncio.get_running_loop())
     generator = Generator(engine, catalog, drain=drain)
-    async with generator.prepare_completion(CompletionRequest(model="", prompt="hello", max_tokens=50)) as prepared:
+    body = CompletionRequest(model="", prompt="hello", max_tokens=50)
+    async with generator.prepare(completion_request(body)) as prepared:
         task = asyncio.create_task(generator.complete(prepared))
         await asyncio.sleep(0.2)
         task.cancel()  # the client left (cancel_on_disconnect)

@@ -76,6 +76,7 @@ class CompletionDelta:
     # Only on a choice's first delta, when asked: None for the first prompt token, as OpenAI does.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # with finish_reason "stop": the stop string or token id; None for EOS
 
 
 class EngineRejected(Exception):

@@ -267,6 +267,7 @@ class VllmEngine:
                         ),
                         prompt_logprobs=prompt_logprobs if first_of_choice else None,
                         cumulative_logprob=completion.cumulative_logprob,
+                        stop_reason=completion.stop_reason,
                     )
         except EngineDeadError as exc:
             raise EngineDead("the inference engine has stopped") from exc

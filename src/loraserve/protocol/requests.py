@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from loraserve.engine import SamplingOptions, StructuredOutput
+from loraserve.errors import InvalidRequest
+
 NonEmptyTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # OpenAI: -2**63 .. 2**63-1; vLLM hands the seed to torch, which wants a signed 64-bit value.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -186,6 +189,56 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def _sampling_options(
+        self,
+        *,
+        max_tokens: int,
+        vocab_size: int,
+        n: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingOptions:
+        """The options both OpenAI bodies share; each body says how many samples and logprobs it wants."""
+        if self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"`min_tokens` ({self.min_tokens}) is above max_tokens ({max_tokens}).", param="min_tokens"
+            )
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            n=n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            stop=self.stop_list(),
+            seed=self.seed,
+            logit_bias=logit_bias_pairs(self.logit_bias, vocab_size),
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured=structured,
+        )
+
+
+def logit_bias_pairs(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; a key that is not a token id of this model is a 400."""
+    if not bias:
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise InvalidRequest(
+                f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1}).", param="logit_bias"
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -237,6 +290,18 @@ class ChatCompletionRequest(_SamplingFields):
         """The parameter that set ``token_limit()``, for errors that ask the user to change it."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
+    def to_sampling_options(
+        self, *, max_tokens: int, vocab_size: int, structured: StructuredOutput | None
+    ) -> SamplingOptions:
+        top = self.top_logprobs or 0
+        return self._sampling_options(
+            max_tokens=max_tokens,
+            vocab_size=vocab_size,
+            n=self.n,
+            logprobs=top if self.logprobs else None,
+            structured=structured,
+        )
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | NonEmptyTokenIds | list[NonEmptyTokenIds]
@@ -253,6 +318,23 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of > 1 and self.stream:
             raise _invalid("best_of", "`best_of` cannot be used with `stream`")
         return self
+
+    def samples(self) -> int:
+        return self.best_of or self.n
+
+    def to_sampling_options(
+        self, *, max_tokens: int, vocab_size: int, structured: StructuredOutput | None
+    ) -> SamplingOptions:
+        ranking = self.samples() > self.n  # best_of: samples are ranked by their cumulative logprob
+        logprobs = self.logprobs if self.logprobs is not None else (0 if ranking else None)
+        return self._sampling_options(
+            max_tokens=max_tokens,
+            vocab_size=vocab_size,
+            n=self.samples(),
+            logprobs=logprobs,
+            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            structured=structured,
+        )
 
 
 # -- vLLM's adapter administration API ------------------------------------------

@@ -1,26 +1,30 @@
-"""POST /v1/chat/completions and POST /v1/completions, JSON and SSE."""
+"""OpenAI's front door: POST /v1/chat/completions and POST /v1/completions, JSON and SSE.
+
+Each handler translates its body into the pipeline's ``GenerationRequest`` and
+serializes what comes back; everything between is shared (routes/answer.py).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import time
-from collections.abc import AsyncGenerator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import AsyncGenerator
+from typing import Any
 
-import anyio
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
 
-from loraserve.access import AUTHORIZED
 from loraserve.engine import TokenLogprob
-from loraserve.errors import EngineFailure, LoraserveError, sse_error
-from loraserve.generation import FinishedChoice, FinishedCompletion, PreparedRequest, PrimedStream
-from loraserve.observe import request_record
-from loraserve.protocol.requests import ChatCompletionRequest, CompletionRequest
+from loraserve.errors import InvalidRequest, UnsupportedParameter, sse_error
+from loraserve.events import StreamFailed, TextDelta, ToolCallsDelta, UsageReport, stream_events
+from loraserve.generation import (
+    ChatInput,
+    FinishedChoice,
+    GenerationRequest,
+    PreparedRequest,
+    TextInput,
+)
+from loraserve.protocol.requests import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from loraserve.protocol.responses import (
     AssistantMessage,
     ChatChoice,
@@ -36,19 +40,19 @@ from loraserve.protocol.responses import (
     ToolCall,
     Usage,
 )
-from loraserve.routes.disconnect import ClientDisconnected, cancel_on_disconnect
+from loraserve.routes.answer import answer, hub_token
 from loraserve.routes.shaping import chat_logprobs, completion_logprobs
 from loraserve.services import Services, get_services
-from loraserve.tools import ParsedToolCall, ToolPlan
+from loraserve.streams import PrimedStream
+from loraserve.structured import response_format_constraint
+from loraserve.tools import ParsedToolCall, plan_tools
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1")
 
 _DONE = b"data: [DONE]\n\n"
-R = TypeVar("R")
-# 499: nginx's "client closed request"; nobody reads it, but logs do.
-_CLIENT_GONE = 499
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -59,104 +63,58 @@ def _sse(payload: BaseModel) -> bytes:
     return b"data: " + payload.model_dump_json().encode() + b"\n\n"
 
 
-class _EventStream(StreamingResponse):
-    """SSE that owns what its answer holds (the engine stream, the adapter) and closes it however the
-    response ends: also when the client leaves before the body's first byte (then the body never runs)."""
-
-    def __init__(self, body: AsyncGenerator[bytes, None], held: AsyncExitStack) -> None:
-        super().__init__(
-            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        self._held = held
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # Shielded: when the client leaves, Starlette cancels this scope, and every await here would be
-            # cancelled again before the engine request is aborted and the adapter released.
-            with anyio.CancelScope(shield=True):
-                await self._held.aclose()
+_seen_unknown: set[str] = set()
 
 
-def hub_token(api_token: str | None, request: Request) -> str | None:
-    """The requester's Hub token: LoRAX's `api_token` field, or a Bearer key that is an HF token.
-
-    When the server has an API key, the Bearer key is that key: never a Hub token, never sent to the Hub.
-    """
-    if api_token:
-        return api_token
-    if request.scope.get("state", {}).get(AUTHORIZED):
-        return None
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip().startswith("hf_") else None
-
-
-async def _finish_plain(
-    request: Request, services: Services, prepared: PreparedRequest
-) -> FinishedCompletion | Response:
-    try:
-        return await cancel_on_disconnect(request, services.generator.complete(prepared))
-    except ClientDisconnected:
-        return Response(status_code=_CLIENT_GONE)
-
-
-async def _answer(
-    request: Request,
-    services: Services,
-    requested: str,
-    preparing: AbstractAsyncContextManager[PreparedRequest],
-    stream: bool,
-    events: Callable[[PreparedRequest, PrimedStream, int], AsyncGenerator[bytes, None]],
-    plain: Callable[[PreparedRequest, FinishedCompletion, int], R],
-) -> Response | R:
-    """One answer, JSON or SSE, holding its model (the adapter lease) exactly as long as the answer lasts.
-
-    A stream opens once its first token is there, so engine errors at admission are still an HTTP
-    status; a client that leaves before it aborts the request (prefill can take seconds, and nothing
-    is sent yet that would notice). Then the response becomes the one owner of what is held.
-    """
-    request_record(request).requested = requested
-    async with AsyncExitStack() as held:
-        prepared = await held.enter_async_context(preparing)
-        target = prepared.target
-        request_record(request).answered_by(
-            target.name, target.lora is not None, prepared.prompt_tokens, prepared.progress
-        )
-        created = int(time.time())
-        if stream:
-            try:
-                deltas = await cancel_on_disconnect(request, services.generator.open_stream(prepared))
-            except ClientDisconnected:
-                return Response(status_code=_CLIENT_GONE)
-            held.push_async_callback(deltas.aclose)
-            return _EventStream(events(prepared, deltas, created), held.pop_all())
-        done = await _finish_plain(request, services, prepared)
-    if isinstance(done, Response):
-        return done
-    return plain(prepared, done, created)
-
-
-def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
-    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+def _log_unknown_fields(body: _SamplingFields) -> None:
+    """Unknown fields are ignored, as OpenAI clients send new ones; say so once per field."""
+    for name in body.model_extra or {}:
+        if name not in _seen_unknown and len(_seen_unknown) < 256:
+            _seen_unknown.add(name)
+            logger.info("ignoring unknown request field %r (logged once)", name)
 
 
 # -- chat ------------------------------------------------------------------
+
+
+def chat_request(body: ChatCompletionRequest, token: str | None = None) -> GenerationRequest:
+    """The pipeline's request for a chat body; tool and schema errors are 400s before any model is resolved."""
+    _log_unknown_fields(body)
+    tools = plan_tools(body)
+    structured = response_format_constraint(body.response_format)
+    if tools is not None and tools.constraint is not None:
+        if structured is not None:
+            raise InvalidRequest(
+                "`response_format` cannot be combined with a tool_choice that forces a tool call.",
+                param="response_format",
+            )
+        structured = tools.constraint
+    return GenerationRequest(
+        model=body.model,
+        prompt=ChatInput([_message_dict(m) for m in body.messages], tools),
+        sampling=body,
+        id_prefix="chatcmpl",
+        n=body.n,
+        samples=body.n,
+        max_tokens=body.token_limit(),
+        max_tokens_param=body.token_limit_param(),
+        structured=structured,
+        adapter_source=body.adapter_source,
+        hub_token=token,
+        want_logprobs=body.logprobs,
+    )
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | ChatCompletion:
-    return await _answer(
+    return await answer(
         request,
         services,
-        body.model,
-        services.generator.prepare_chat(body, hub_token(body.api_token, request)),
+        chat_request(body, hub_token(body.api_token, request)),
         body.stream,
-        lambda prepared, deltas, created: _chat_events(
-            prepared, deltas, created, prepared.target.name, body.include_usage()
-        ),
+        lambda prepared, deltas, created: _chat_events(prepared, deltas, created, body.include_usage()),
         lambda prepared, done, created: ChatCompletion(
             id=prepared.request_id,
             created=created,
@@ -165,6 +123,10 @@ async def chat_completions(
             usage=_usage(done.prompt_tokens, done.completion_tokens),
         ),
     )
+
+
+def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
+    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
 def _chat_choice(prepared: PreparedRequest, choice: FinishedChoice) -> ChatChoice:
@@ -182,18 +144,11 @@ def _chat_choice(prepared: PreparedRequest, choice: FinishedChoice) -> ChatChoic
     )
 
 
-@dataclass
-class _ChoiceStream:
-    """Per-choice state of a chat stream: text held back while it may still be a tool call."""
-
-    held: str = ""
-    held_logprobs: list[TokenLogprob] = field(default_factory=list)
-    holding: bool = True
-
-
 async def _chat_events(
-    prepared: PreparedRequest, deltas: PrimedStream, created: int, model: str, include_usage: bool
+    prepared: PreparedRequest, deltas: PrimedStream, created: int, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
+    model = prepared.target.name
+
     def chunk(
         index: int, delta: ChatDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None
     ) -> bytes:
@@ -205,73 +160,113 @@ async def _chat_events(
         )
         return _sse(ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[choice]))
 
-    tools: ToolPlan | None = prepared.tools
-    states: dict[int, _ChoiceStream] = {}
-    tokens = 0
-    try:
-        async for delta in deltas:
-            tokens += len(delta.token_ids)
-            state = states.get(delta.index)
-            if state is None:
-                state = states[delta.index] = _ChoiceStream(holding=tools is not None)
-                yield chunk(delta.index, ChatDelta(role="assistant", content=""))
-            if state.holding and tools is not None:
-                state.held += delta.text
-                state.held_logprobs.extend(delta.logprobs or ())
-                if not tools.may_be_call(state.held):
-                    state.holding = False
-                    yield chunk(delta.index, ChatDelta(content=state.held), logprobs=state.held_logprobs)
-            elif delta.text:
-                yield chunk(delta.index, ChatDelta(content=delta.text), logprobs=delta.logprobs)
-            if delta.finish_reason is None:
-                continue
-            finish: str = delta.finish_reason
-            if state.holding and tools is not None:
-                calls = tools.parse(state.held)
-                if calls:
-                    tool_deltas = [
-                        DeltaToolCall(
-                            index=i,
-                            id=c.id,
-                            type="function",
-                            function=DeltaFunctionCall(name=c.name, arguments=c.arguments),
-                        )
-                        for i, c in enumerate(calls)
-                    ]
-                    yield chunk(delta.index, ChatDelta(tool_calls=tool_deltas), logprobs=state.held_logprobs)
-                    finish = "tool_calls"
-                elif state.held:
-                    yield chunk(delta.index, ChatDelta(content=state.held), logprobs=state.held_logprobs)
-            yield chunk(delta.index, ChatDelta(), finish)
-        if include_usage:
-            usage = _usage(prepared.prompt_tokens, tokens)
-            yield _sse(
-                ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
-            )
-    except LoraserveError as exc:
-        yield sse_error(exc)
-    except Exception:  # our own bug mid-stream: still end the stream the way clients expect
-        logger.exception("stream %s failed", prepared.request_id)
-        yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
+    started: set[int] = set()
+    async for event in stream_events(prepared, deltas):
+        if isinstance(event, StreamFailed):
+            yield sse_error(event.error)
+            break
+        if isinstance(event, UsageReport):
+            if include_usage:
+                usage = _usage(event.prompt_tokens, event.completion_tokens)
+                yield _sse(
+                    ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
+                )
+            continue
+        if event.index not in started:  # each choice's first chunk carries the role
+            started.add(event.index)
+            yield chunk(event.index, ChatDelta(role="assistant", content=""))
+        if isinstance(event, ToolCallsDelta):
+            tool_deltas = [
+                DeltaToolCall(
+                    index=i, id=c.id, type="function", function=DeltaFunctionCall(name=c.name, arguments=c.arguments)
+                )
+                for i, c in enumerate(event.calls)
+            ]
+            yield chunk(event.index, ChatDelta(tool_calls=tool_deltas), logprobs=event.logprobs)
+            yield chunk(event.index, ChatDelta(), "tool_calls")
+            continue
+        if event.text:
+            yield chunk(event.index, ChatDelta(content=event.text), logprobs=event.logprobs)
+        if event.finish_reason is not None:
+            yield chunk(event.index, ChatDelta(), event.finish_reason)
     yield _DONE
 
 
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    data: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        data["name"] = message.name
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": _function_for_template(call.function)}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
+    return data
+
+
+def _function_for_template(function: Any) -> dict[str, Any]:
+    # Chat templates expect arguments as a mapping; OpenAI sends a JSON string.
+    try:
+        arguments: Any = json.loads(function.arguments) if function.arguments else {}
+    except json.JSONDecodeError:
+        arguments = function.arguments
+    return {"name": function.name, "arguments": arguments}
+
+
 # -- completions -------------------------------------------------------------
+
+
+def completion_request(body: CompletionRequest, token: str | None = None) -> GenerationRequest:
+    """The pipeline's request for a completions body; shape errors are 400s before any model is resolved."""
+    _log_unknown_fields(body)
+    if body.suffix:
+        raise UnsupportedParameter("`suffix` (insertion) is not supported by this server.", param="suffix")
+    if body.response_format is not None:
+        raise UnsupportedParameter(
+            "`response_format` (JSON mode) is only for /v1/chat/completions.", param="response_format"
+        )
+    prompts = _split_prompts(body.prompt)
+    if not prompts:
+        raise InvalidRequest("The prompt is empty.", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
+    return GenerationRequest(
+        model=body.model,
+        prompt=TextInput(prompts),
+        sampling=body,
+        id_prefix="cmpl",
+        n=body.n,
+        samples=body.samples(),
+        samples_param="best_of" if body.best_of else "n",
+        max_tokens=body.max_tokens,
+        adapter_source=body.adapter_source,
+        hub_token=token,
+        echo=body.echo,
+        want_logprobs=body.logprobs is not None,
+    )
+
+
+def _split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    items: list[Any] = list(prompt)
+    if items and isinstance(items[0], int):
+        return [items]
+    return items
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response | Completion:
-    return await _answer(
+    return await answer(
         request,
         services,
-        body.model,
-        services.generator.prepare_completion(body, hub_token(body.api_token, request)),
+        completion_request(body, hub_token(body.api_token, request)),
         body.stream,
-        lambda prepared, deltas, created: _completion_events(
-            prepared, deltas, created, prepared.target.name, body.include_usage()
-        ),
+        lambda prepared, deltas, created: _completion_events(prepared, deltas, created, body.include_usage()),
         lambda prepared, done, created: Completion(
             id=prepared.request_id,
             created=created,
@@ -305,45 +300,41 @@ def _completion_choice(prepared: PreparedRequest, choice: FinishedChoice) -> Com
 
 
 async def _completion_events(
-    prepared: PreparedRequest, deltas: PrimedStream, created: int, model: str, include_usage: bool
+    prepared: PreparedRequest, deltas: PrimedStream, created: int, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
+    model = prepared.target.name
+
     def chunk(choice: CompletionChoice) -> bytes:
         return _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[choice]))
 
-    tokens = 0
     offsets: dict[int, int] = {}
-    try:
-        async for delta in deltas:
-            tokens += len(delta.token_ids)
-            if delta.index not in offsets:
-                offsets[delta.index] = 0
-                if prepared.echo:
-                    prompt_text, prompt_ids = _prompt_of(prepared, delta.index)
-                    echoed = None
-                    if prepared.want_logprobs:
-                        echoed = completion_logprobs(
-                            delta.prompt_logprobs or [], _first_token_text(prepared, prompt_ids)
-                        )
-                    yield chunk(
-                        CompletionChoice(index=delta.index, text=prompt_text, finish_reason=None, logprobs=echoed)
-                    )
-                    offsets[delta.index] = len(prompt_text)
-            if delta.text or delta.finish_reason or delta.logprobs:
-                logprobs = None
+    async for event in stream_events(prepared, deltas):
+        if isinstance(event, StreamFailed):
+            yield sse_error(event.error)
+            break
+        if isinstance(event, UsageReport):
+            if include_usage:
+                usage = _usage(event.prompt_tokens, event.completion_tokens)
+                yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage))
+            continue
+        assert isinstance(event, TextDelta)  # completions have no tools
+        if event.index not in offsets:
+            offsets[event.index] = 0
+            if prepared.echo:
+                prompt_text, prompt_ids = _prompt_of(prepared, event.index)
+                echoed = None
                 if prepared.want_logprobs:
-                    logprobs = completion_logprobs(delta.logprobs or [], None, offsets[delta.index])
-                offsets[delta.index] += len(delta.text)
-                yield chunk(
-                    CompletionChoice(
-                        index=delta.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
-                    )
+                    echoed = completion_logprobs(event.prompt_logprobs or [], _first_token_text(prepared, prompt_ids))
+                yield chunk(CompletionChoice(index=event.index, text=prompt_text, finish_reason=None, logprobs=echoed))
+                offsets[event.index] = len(prompt_text)
+        if event.text or event.finish_reason or event.logprobs:
+            logprobs = None
+            if prepared.want_logprobs:
+                logprobs = completion_logprobs(event.logprobs or [], None, offsets[event.index])
+            offsets[event.index] += len(event.text)
+            yield chunk(
+                CompletionChoice(
+                    index=event.index, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
                 )
-        if include_usage:
-            usage = _usage(prepared.prompt_tokens, tokens)
-            yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage))
-    except LoraserveError as exc:
-        yield sse_error(exc)
-    except Exception:  # our own bug mid-stream: still end the stream the way clients expect
-        logger.exception("stream %s failed", prepared.request_id)
-        yield sse_error(EngineFailure("The server failed while streaming; the answer is incomplete."))
+            )
     yield _DONE
