@@ -28,7 +28,7 @@ from loraserve.header_limit import HeaderLimitMiddleware
 from loraserve.metrics import ServerMetrics
 from loraserve.models import ModelCatalog
 from loraserve.observe import RequestObserver
-from loraserve.routes import lora_admin, openai, system
+from loraserve.routes import lora_admin, lorax, openai, system
 from loraserve.services import Services
 from loraserve.shutdown import Drain, DrainMiddleware
 from loraserve.templates import ChatFormat, has_chat_template, load_tokenizer, start_sandbox, stop_sandbox
@@ -108,7 +108,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 await running.shutdown()
 
     drain = Drain(settings.shutdown_timeout)
-    model_paths = frozenset(route.path for route in openai.router.routes)  # type: ignore[attr-defined]
+    model_paths = frozenset(
+        route.path  # type: ignore[attr-defined]
+        for router in (openai.router, lorax.router)
+        for route in router.routes
+        if route.path != "/tokenize"  # type: ignore[attr-defined]
+    )
     metrics = ServerMetrics(model_paths)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     api_keys = load_api_keys(api_key, settings.api_key_file)
@@ -118,6 +123,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(system.router)
     app.include_router(lora_admin.router)
+    app.include_router(lorax.router)
     # Middleware runs in the reverse order of adding: the observer first, the body limit last.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, paths=model_paths)

@@ -174,14 +174,37 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: LoraserveError) -> JSONResponse:
+# Routes that speak LoRAX's native API (routes/lorax.py adds them): their errors are written as LoRAX writes
+# them, `{"error": message, "error_type": kind}` with LoRAX's statuses, because lorax-client raises by them.
+LORAX_PATHS: set[str] = set()
+
+
+def lorax_status_and_type(exc: LoraserveError) -> tuple[int, str]:
+    if isinstance(exc, InvalidRequest | RequestTooLarge | HeadersTooLarge):
+        return 422, "validation"  # LoRAX's input validation error
+    if isinstance(exc, ServerBusy | TooManyRequests):
+        return 429, "overloaded"
+    if isinstance(exc, EngineFailure):
+        return 424, "generation"
+    kinds = {401: "authentication", 404: "not_found", 503: "unavailable", 507: "cache_full"}
+    return exc.status, kinds.get(exc.status, "internal")
+
+
+def lorax_error_body(exc: LoraserveError) -> dict[str, str]:
+    return {"error": exc.message, "error_type": lorax_status_and_type(exc)[1]}
+
+
+def error_response(exc: LoraserveError, path: str = "") -> JSONResponse:
+    """``exc`` as the route's clients expect it: OpenAI's shape, or LoRAX's on LoRAX's routes."""
+    if path in LORAX_PATHS:
+        return JSONResponse(lorax_error_body(exc), status_code=lorax_status_and_type(exc)[0], headers=exc.headers())
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers())
 
 
 async def refuse(exc: LoraserveError, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer ``exc`` from a middleware, before any route runs (the request's log line names its code)."""
     scope.setdefault("state", {})["error_code"] = exc.code or exc.type
-    await error_response(exc)(scope, receive, send)
+    await error_response(exc, scope.get("path", ""))(scope, receive, send)
 
 
 def sse_error(exc: LoraserveError) -> bytes:
@@ -213,33 +236,35 @@ async def _on_loraserve_error(request: Request, exc: Exception) -> JSONResponse:
     request.state.error_code = exc.code or exc.type  # for the request's log line (loraserve.observe)
     if exc.status >= 500:
         logger.warning("%s: %s", type(exc).__name__, exc.message)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
-async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    return error_response(_validation_failure(exc), request.url.path)
+
+
+def _validation_failure(exc: RequestValidationError) -> InvalidRequest:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "parse error"))
-        return error_response(InvalidRequest(message))
+        return InvalidRequest(message)
     if first.get("type") == "invalid_combination":  # our cross-field checks name their parameter
-        return error_response(InvalidRequest(str(first.get("msg")), param=(first.get("ctx") or {}).get("param")))
+        return InvalidRequest(str(first.get("msg")), param=(first.get("ctx") or {}).get("param"))
     loc = tuple(first.get("loc", ()))
     if loc == ("body",):
-        return error_response(
-            InvalidRequest("The request body must be a JSON object (Content-Type: application/json).")
-        )
+        return InvalidRequest("The request body must be a JSON object (Content-Type: application/json).")
     param = _validation_param(loc)
     detail = first.get("msg", "invalid value")
     message = f"Invalid value for '{param}': {detail}" if param else f"Invalid request: {detail}"
-    return error_response(InvalidRequest(message, param=param))
+    return InvalidRequest(message, param=param)
 
 
-async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 413:
-        return error_response(RequestTooLarge(str(exc.detail)))
+        return error_response(RequestTooLarge(str(exc.detail)), request.url.path)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(
@@ -247,10 +272,10 @@ async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Never leak internals (paths, tokens) to the client; the log has the trace.
     logger.exception("unhandled error", exc_info=exc)
-    return error_response(LoraserveError("The server had an error while processing your request."))
+    return error_response(LoraserveError("The server had an error while processing your request."), request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -20,6 +20,7 @@ import anyio
 from transformers import PreTrainedTokenizerBase
 
 from loraserve import templates
+from loraserve.adapters.merge import MergeSpec
 from loraserve.adapters.ref import SourceKind
 from loraserve.engine import (
     CompletionDelta,
@@ -91,6 +92,7 @@ class GenerationRequest:
     hub_token: str | None = None
     echo: bool = False
     want_logprobs: bool = False
+    merged: MergeSpec | None = None  # LoRAX's merged_adapters: one LoRA made of several, for this request
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class PreparedRequest:
     tools: ToolPlan | None = None
     copies: int = 1  # greedy n > 1: the engine samples once, every choice gets a copy
     progress: TokenProgress = field(default_factory=TokenProgress)
+    prepared_at: float = field(default_factory=time.monotonic)  # the model resolved, the prompt counted
 
     @property
     def samples_per_call(self) -> int:
@@ -173,7 +176,8 @@ class Generator:
     async def prepare(self, request: GenerationRequest) -> AsyncIterator[PreparedRequest]:
         """The engine requests for ``request``, with its model held until the ``async with`` ends."""
         self._check_n(request.samples, request.samples_param)
-        async with self._catalog.resolve(request.model, request.adapter_source, request.hub_token) as target:
+        resolving = self._catalog.resolve(request.model, request.adapter_source, request.hub_token, request.merged)
+        async with resolving as target:
             prompt = request.prompt
             if isinstance(prompt, ChatInput):
                 encoded = [await self._render_chat(target, prompt)]

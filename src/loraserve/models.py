@@ -8,12 +8,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
+from loraserve.adapters.merge import MergeSpec
 from loraserve.adapters.named import NamedAdapters
 from loraserve.adapters.ref import SourceKind
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.base_model import BaseModel
 from loraserve.engine import LoraTarget
-from loraserve.errors import EngineUnavailable, ModelNotFound
+from loraserve.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 from loraserve.protocol.responses import ModelCard
 from loraserve.templates import ChatFormat
 
@@ -45,6 +48,9 @@ class ModelCatalog:
     def base(self) -> BaseModel:
         return self._base
 
+    def base_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._base_chat.tokenizer
+
     def named_adapters(self) -> NamedAdapters:
         if self._named is None:
             raise EngineUnavailable("This server was started without adapter support.")
@@ -52,21 +58,29 @@ class ModelCatalog:
 
     @asynccontextmanager
     async def resolve(
-        self, requested: str, source: SourceKind = "hub", token: str | None = None
+        self, requested: str, source: SourceKind = "hub", token: str | None = None, merged: MergeSpec | None = None
     ) -> AsyncIterator[ModelTarget]:
         """The model a request names, held for as long as the ``async with`` lasts.
 
         The one owner of an adapter's lease: it is taken here and released on exit, whatever
         happens in between, so no path can leak it or release it twice.
         """
-        if requested in self._base.names():
+        if merged is not None and requested not in self._base.names():
+            raise InvalidRequest(
+                '`merged_adapters` merges adapters of the base model: name the base (or "") in `model`.',
+                param="merged_adapters",
+            )
+        if requested in self._base.names() and merged is None:
             yield ModelTarget(self._base.served_name, self._base_chat)
             return
         if self._adapters is None:
             raise ModelNotFound(requested)
         named = self._named.get(requested) if self._named is not None else None
-        # A name given through /v1/load_lora_adapter wins: it means that very snapshot, whatever the source.
-        if named is not None and self._named is not None:
+        if merged is not None:
+            lease = await self._adapters.acquire_merged(merged, source, token)
+            requested = lease.loaded.entry.ref.display()  # merged:<key>: what responses and metrics name
+        elif named is not None and self._named is not None:
+            # A name given through /v1/load_lora_adapter wins: it means that very snapshot, whatever the source.
             lease = await self._named.lease(named)
         else:
             lease = await self._adapters.acquire(requested, source, token)

@@ -42,6 +42,8 @@ class FakeEngine:
 
     max_model_len: int = 64
     max_lora_rank: int = 16
+    dtype: str = "float32"
+    device_type: str = "cpu"
     loras: dict[int, LoraTarget] = field(default_factory=dict)
     reject_loras: bool = False
     words: list[str] = field(default_factory=lambda: ["hello", " world"])
@@ -78,8 +80,9 @@ class FakeEngine:
                     texts[choice] += piece
                     reason = "length" if step == options.max_tokens - 1 else None
                     hit = next((s for s in options.stop if s in texts[choice]), None)
+                    stop_reason = None
                     if hit is not None:
-                        piece, reason = piece[: max(0, len(piece) - len(hit))], "stop"
+                        piece, reason, stop_reason = piece[: max(0, len(piece) - len(hit))], "stop", hit
                     done[choice] = reason is not None
                     logprobs = None
                     if options.logprobs is not None:
@@ -91,6 +94,7 @@ class FakeEngine:
                     yield CompletionDelta(
                         piece, [step], reason, index=choice, logprobs=logprobs,
                         prompt_logprobs=prompt_logprobs, cumulative_logprob=-0.5 * (step + 1) * (choice + 1),
+                        stop_reason=stop_reason,
                     )  # fmt: skip
                 first = False
                 if all(done):

@@ -64,6 +64,7 @@ def test_bad_loads_are_clear_errors(adapter_client: TestClient, tmp_path: Path) 
         ({"lora_name": "tiny", "lora_path": "local:plain"}, 400, "lora_name", "conflicts with a served base model"),
         ({"lora_name": "x", "lora_path": str(tmp_path)}, 400, "lora_path", "inside an --adapter-dir"),
         ({"lora_name": "x", "lora_path": "relative/../plain"}, 404, "lora_path", "No adapter found"),
+        ({"lora_name": "x", "lora_path": "~0"}, 400, "lora_path", "inside an --adapter-dir"),  # was a 500
         ({"lora_name": "x", "lora_path": "local:missing"}, 404, "lora_path", "No adapter found"),
         ({"lora_name": "x", "lora_path": "local:wrong"}, 400, "model", "gate_proj"),
         ({"lora_name": "", "lora_path": "local:plain"}, 400, "lora_name", "must be provided"),

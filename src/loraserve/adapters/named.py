@@ -113,7 +113,7 @@ class NamedAdapters:
         if lora_path.startswith("local:"):
             return lora_path.removeprefix("local:"), "local"
         if lora_path.startswith(("/", "~", ".")):
-            path = Path(lora_path).expanduser()
+            path = Path(lora_path)  # never expanded: "~user" names another account's home
             local_name = self._local.name_of(path) if path.is_absolute() else None
             if local_name is None:
                 raise InvalidRequest(

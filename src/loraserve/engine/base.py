@@ -102,6 +102,16 @@ class Engine(Protocol):
     @property
     def max_lora_rank(self) -> int: ...
 
+    @property
+    def dtype(self) -> str:
+        """The weights' type as the engine runs them ("bfloat16", …)."""
+        ...
+
+    @property
+    def device_type(self) -> str:
+        """ "cpu", "cuda", …"""
+        ...
+
     async def add_lora(self, lora: LoraTarget) -> None:
         """Load an adapter before its first request; raise ``EngineRejected`` with the reason if it can't."""
         ...

@@ -209,6 +209,14 @@ class VllmEngine:
         return int(self._llm.model_config.max_model_len)
 
     @property
+    def dtype(self) -> str:
+        return str(self._llm.model_config.dtype).removeprefix("torch.")
+
+    @property
+    def device_type(self) -> str:
+        return str(current_platform.device_type)
+
+    @property
     def max_lora_rank(self) -> int:
         lora_config = self._llm.vllm_config.lora_config
         return int(lora_config.max_lora_rank) if lora_config is not None else 0

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from loraserve.adapters.merge import MergeSpec
 from loraserve.engine import SamplingOptions, StructuredOutput
 from loraserve.errors import InvalidRequest
 
@@ -137,6 +138,21 @@ class ResponseFormat(_Lenient):
         return self
 
 
+class MergedAdapters(_Lenient):
+    """Several adapters of the base merged into one for this request (LoRAX's field names and defaults)."""
+
+    ids: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = None
+    density: float | None = None
+    majority_sign_method: Literal["total", "frequency"] | None = None
+
+    def to_spec(self) -> MergeSpec:
+        return MergeSpec.from_lorax(
+            self.ids, self.weights, self.merge_strategy, self.density, self.majority_sign_method
+        )
+
+
 class _SamplingFields(_Lenient):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -161,6 +177,8 @@ class _SamplingFields(_Lenient):
     # LoRAX's fields: where the adapter named in `model` comes from, and a Hub token for private ones.
     adapter_source: Literal["hub", "local", "s3"] = "hub"
     api_token: str | None = Field(None, repr=False)
+    # LoRAX's merged adapters, from the OpenAI routes too (with `model` naming the base).
+    merged_adapters: MergedAdapters | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -102,6 +102,7 @@ def chat_request(body: ChatCompletionRequest, token: str | None = None) -> Gener
         adapter_source=body.adapter_source,
         hub_token=token,
         want_logprobs=body.logprobs,
+        merged=body.merged_adapters.to_spec() if body.merged_adapters else None,
     )
 
 
@@ -245,6 +246,7 @@ def completion_request(body: CompletionRequest, token: str | None = None) -> Gen
         hub_token=token,
         echo=body.echo,
         want_logprobs=body.logprobs is not None,
+        merged=body.merged_adapters.to_spec() if body.merged_adapters else None,
     )
 
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from loraserve import __version__
 from loraserve.engine import EngineDead
 from loraserve.errors import EngineUnavailable
+from loraserve.protocol.lorax import MAX_STOP
 from loraserve.protocol.responses import ModelList
 from loraserve.services import Services, get_services
 
@@ -46,11 +47,27 @@ async def list_adapters(services: Services = Depends(get_services)) -> dict[str,
 
 @router.get("/info")
 async def info(services: Services = Depends(get_services)) -> dict[str, Any]:
+    """loraserve's own fields, and LoRAX's (its /info), so tools written for LoRAX find what they read."""
     base = services.catalog.base
+    engine = services.engine
+    settings = services.settings
     return {
         "version": __version__,
         "model_id": base.served_name,
         "model_source": base.source,
-        "max_model_len": services.engine.max_model_len,
-        "running_requests": services.engine.num_running_requests(),
+        "max_model_len": engine.max_model_len,
+        "running_requests": engine.num_running_requests(),
+        # LoRAX's fields
+        "model_sha": None,
+        "model_dtype": engine.dtype,
+        "model_device_type": engine.device_type,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": settings.max_concurrent_requests or 0,  # 0: no limit of loraserve's own
+        "max_best_of": settings.max_n,
+        "max_stop_sequences": MAX_STOP,
+        "max_input_length": engine.max_model_len - 1,
+        "max_total_tokens": engine.max_model_len,
+        "docker_label": None,
+        "sha": None,
+        "request_logger_url": None,
     }
