@@ -88,3 +88,35 @@ def make_lora_adapter(
     if chat_template is not None:
         make_tokenizer_only_template(base_dir, out_dir, chat_template)
     return out_dir
+
+
+def make_peft_merge(
+    base_dir: Path,
+    adapters: Sequence[Path],
+    weights: Sequence[float],
+    out_dir: Path,
+    combination_type: str = "linear",
+    density: float | None = None,
+) -> Path:
+    """The reference merge: peft's own ``add_weighted_adapter`` over ``adapters``, saved as one adapter."""
+    from peft import PeftModel
+
+    with _LOCK:
+        model = _base_model(base_dir)
+        peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+        try:
+            names = ["a0"]
+            for i, folder in enumerate(adapters[1:], start=1):
+                peft_model.load_adapter(str(folder), adapter_name=f"a{i}")
+                names.append(f"a{i}")
+            extra = {"density": density} if density is not None else {}
+            peft_model.add_weighted_adapter(names, list(weights), "merged", combination_type=combination_type, **extra)
+            peft_model.save_pretrained(str(out_dir), selected_adapters=["merged"])
+        finally:
+            peft_model.unload()
+    saved = out_dir / "merged"  # peft saves an adapter that is not "default" in a folder of its name
+    config_path = saved / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return saved
