@@ -174,9 +174,9 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# Routes that speak LoRAX's native API (routes/lorax.py adds them): their errors are written as LoRAX writes
-# them, `{"error": message, "error_type": kind}` with LoRAX's statuses, because lorax-client raises by them.
-LORAX_PATHS: set[str] = set()
+# Routes that speak LoRAX's native API (routes/lorax.py): their errors are written as LoRAX writes them,
+# `{"error": message, "error_type": kind}` with LoRAX's statuses, because lorax-client raises by them.
+LORAX_PATHS = frozenset({"/", "/generate", "/generate_stream", "/tokenize"})
 
 
 def lorax_status_and_type(exc: LoraserveError) -> tuple[int, str]:

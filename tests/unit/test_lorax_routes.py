@@ -140,3 +140,10 @@ def test_a_local_adapter_through_the_native_api(adapter_client: TestClient) -> N
     assert response.status_code == 200
     assert response.headers["x-adapter-id"] == "plain" and response.headers["x-adapter-source"] == "local"
     assert response.headers["x-model-id"] == "tiny"
+
+
+def test_every_native_route_answers_errors_in_loraxs_shape(client: TestClient) -> None:
+    from loraserve.errors import LORAX_PATHS
+    from loraserve.routes.lorax import router
+
+    assert {route.path for route in router.routes} == LORAX_PATHS  # type: ignore[attr-defined]

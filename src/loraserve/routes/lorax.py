@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from loraserve.engine import SamplingOptions, StructuredOutput, TokenLogprob
-from loraserve.errors import LORAX_PATHS, InvalidRequest, lorax_error_body
+from loraserve.errors import InvalidRequest, lorax_error_body
 from loraserve.events import StreamFailed, TextDelta, stream_events
 from loraserve.generation import FinishedChoice, FinishedCompletion, GenerationRequest, PreparedRequest, TextInput
 from loraserve.observe import request_record
@@ -31,7 +31,6 @@ from loraserve.services import Services, get_services
 from loraserve.streams import PrimedStream
 
 router = APIRouter()
-LORAX_PATHS.update({"/", "/generate", "/generate_stream", "/tokenize"})
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -145,7 +145,28 @@ def _chat_choice(prepared: PreparedRequest, choice: FinishedChoice) -> ChatChoic
     )
 
 
-async def _chat_events(
+async def _openai_stream(
+    prepared: PreparedRequest,
+    deltas: PrimedStream,
+    include_usage: bool,
+    usage_chunk: Callable[[Usage], BaseModel],
+    choice_chunks: Callable[[TextDelta | ToolCallsDelta], Iterator[bytes]],
+) -> AsyncGenerator[bytes, None]:
+    """OpenAI's SSE: each choice's chunks, the usage chunk when asked, an in-band error if it fails, [DONE]."""
+    async for event in stream_events(prepared, deltas):
+        if isinstance(event, StreamFailed):
+            yield sse_error(event.error)
+            break
+        if isinstance(event, UsageReport):
+            if include_usage:
+                yield _sse(usage_chunk(_usage(event.prompt_tokens, event.completion_tokens)))
+            continue
+        for chunk in choice_chunks(event):
+            yield chunk
+    yield _DONE
+
+
+def _chat_events(
     prepared: PreparedRequest, deltas: PrimedStream, created: int, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     model = prepared.target.name
@@ -162,17 +183,8 @@ async def _chat_events(
         return _sse(ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[choice]))
 
     started: set[int] = set()
-    async for event in stream_events(prepared, deltas):
-        if isinstance(event, StreamFailed):
-            yield sse_error(event.error)
-            break
-        if isinstance(event, UsageReport):
-            if include_usage:
-                usage = _usage(event.prompt_tokens, event.completion_tokens)
-                yield _sse(
-                    ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
-                )
-            continue
+
+    def choice_chunks(event: TextDelta | ToolCallsDelta) -> Iterator[bytes]:
         if event.index not in started:  # each choice's first chunk carries the role
             started.add(event.index)
             yield chunk(event.index, ChatDelta(role="assistant", content=""))
@@ -185,12 +197,16 @@ async def _chat_events(
             ]
             yield chunk(event.index, ChatDelta(tool_calls=tool_deltas), logprobs=event.logprobs)
             yield chunk(event.index, ChatDelta(), "tool_calls")
-            continue
+            return
         if event.text:
             yield chunk(event.index, ChatDelta(content=event.text), logprobs=event.logprobs)
         if event.finish_reason is not None:
             yield chunk(event.index, ChatDelta(), event.finish_reason)
-    yield _DONE
+
+    def usage_chunk(usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
+
+    return _openai_stream(prepared, deltas, include_usage, usage_chunk, choice_chunks)
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -301,7 +317,7 @@ def _completion_choice(prepared: PreparedRequest, choice: FinishedChoice) -> Com
     return CompletionChoice(index=choice.index, text=text, finish_reason=choice.finish_reason, logprobs=logprobs)
 
 
-async def _completion_events(
+def _completion_events(
     prepared: PreparedRequest, deltas: PrimedStream, created: int, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     model = prepared.target.name
@@ -310,15 +326,8 @@ async def _completion_events(
         return _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[choice]))
 
     offsets: dict[int, int] = {}
-    async for event in stream_events(prepared, deltas):
-        if isinstance(event, StreamFailed):
-            yield sse_error(event.error)
-            break
-        if isinstance(event, UsageReport):
-            if include_usage:
-                usage = _usage(event.prompt_tokens, event.completion_tokens)
-                yield _sse(Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage))
-            continue
+
+    def choice_chunks(event: TextDelta | ToolCallsDelta) -> Iterator[bytes]:
         assert isinstance(event, TextDelta)  # completions have no tools
         if event.index not in offsets:
             offsets[event.index] = 0
@@ -334,9 +343,10 @@ async def _completion_events(
             if prepared.want_logprobs:
                 logprobs = completion_logprobs(event.logprobs or [], None, offsets[event.index])
             offsets[event.index] += len(event.text)
-            yield chunk(
-                CompletionChoice(
-                    index=event.index, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
-                )
-            )
-    yield _DONE
+            finish = event.finish_reason
+            yield chunk(CompletionChoice(index=event.index, text=event.text, finish_reason=finish, logprobs=logprobs))
+
+    def usage_chunk(usage: Usage) -> Completion:
+        return Completion(id=prepared.request_id, created=created, model=model, choices=[], usage=usage)
+
+    return _openai_stream(prepared, deltas, include_usage, usage_chunk, choice_chunks)
