@@ -91,10 +91,14 @@ def main() -> None:
             for arm in order:
                 logger.info("repetition %d: %s", rep + 1, arm)
                 log = logs / f"{rep}-{arm}.log"
-                if arm == "offline":
-                    figures = run_offline(model_dir, flags, adapters, profile, log)
-                else:
-                    figures = run_server(arm, model_dir, flags, hub, adapters, profile, budget, log)  # type: ignore[arg-type]
+                try:
+                    if arm == "offline":
+                        figures = run_offline(model_dir, flags, adapters, profile, log)
+                    else:
+                        figures = run_server(arm, model_dir, flags, hub, adapters, profile, budget, log)  # type: ignore[arg-type]
+                except Exception as exc:  # one failed arm (e.g. RAM taken by other work) must not lose the rest
+                    logger.exception("%s failed; its log: %s", arm, log)
+                    figures = {"error": f"{type(exc).__name__}: {exc}"}
                 runs.append({"arm": arm, "repetition": rep, "figures": figures})
                 logger.info("%s: %s", arm, json.dumps(_headline(figures)))
     report.derive(runs, budget)

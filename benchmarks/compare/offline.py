@@ -28,6 +28,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
+    # As loraserve does: one second for vLLM's workers to exit at the end, not five before being killed.
+    os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
     started = time.monotonic()
     llm = LLM(model=spec["model_dir"], **spec["engine"])
     startup_s = time.monotonic() - started

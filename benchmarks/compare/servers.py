@@ -35,7 +35,10 @@ class EngineFlags:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int = 8
-    gpu_memory_utilization: float = 0.3  # on CPU: the fraction of RAM for the KV cache
+    # On CPU the fraction of RAM for the KV cache, checked against the RAM free at start. loraserve's CPU default
+    # (0.3) is 7 GiB here and fails when other work holds RAM; 0.1 is still hundreds of times what 32 short
+    # requests need, so the figures do not depend on it.
+    gpu_memory_utilization: float = 0.1
 
     def cli(self) -> list[str]:
         return [
