@@ -255,6 +255,7 @@ def markdown(table: Sequence[Row]) -> str:
 def plot(table: Sequence[Row], runs: Sequence[Run], path: Path, title: str) -> None:
     """Left: loraserve's advantage per compared metric (above 1 = better), each pair a dot. Right: tok/s per arm."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -270,13 +271,22 @@ def plot(table: Sequence[Row], runs: Sequence[Run], path: Path, title: str) -> N
         left.plot(points, [y] * len(points), "k.", markersize=5)
     left.axvline(1, color="black", linewidth=0.8)
     left.set_xscale("log", base=2)
+    low, high = left.get_xlim()
+    left.set_xticks([t for t in (0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4) if low <= t <= high])
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.set_yticks(ys, labels, fontsize=8)
     left.set_xlabel("loraserve advantage over vllm serve (×; >1 = loraserve better; dots = pairs)")
 
     groups = [("1 mixed", "mixed.output_tok_s", "output_tok_s"), ("2 all base", "lora_cost.base.output_tok_s", None),
               ("2 all adapters", "lora_cost.adapters.output_tok_s", None)]  # fmt: skip
     width = 0.27
-    for i, (arm, color) in enumerate(((OURS, "tab:blue"), (THEIRS, "tab:orange"), (OFFLINE, "tab:gray"))):
+    arms = (
+        (OURS, "loraserve", "tab:blue"),
+        (THEIRS, "vllm serve", "tab:orange"),
+        (OFFLINE, "offline engine", "tab:gray"),
+    )
+    for i, (arm, name, color) in enumerate(arms):
         values = []
         for _, key, offline_key in groups:
             found = [
@@ -285,7 +295,7 @@ def plot(table: Sequence[Row], runs: Sequence[Run], path: Path, title: str) -> N
                 if r["arm"] == arm
             ]
             values.append(_median([v for v in found if v is not None]) or 0.0)
-        right.bar([x + (i - 1) * width for x in range(len(groups))], values, width, label=arm, color=color)
+        right.bar([x + (i - 1) * width for x in range(len(groups))], values, width, label=name, color=color)
     right.set_xticks(range(len(groups)), [g[0] for g in groups])
     right.set_ylabel("output tokens/s (median over repetitions)")
     right.legend()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from benchmarks.compare.report import (
@@ -19,6 +20,7 @@ from benchmarks.compare.report import (
     rows,
     schedule,
 )
+from benchmarks.compare.servers import disk_bytes
 from benchmarks.compare.workload import BASE, Timed, on_models, percentile, summarize, zipf_requests, zipf_weights
 
 
@@ -129,3 +131,15 @@ def test_markdown_table_has_a_line_per_metric_with_each_pairs_ratio() -> None:
 
 def test_arms_run_forwards_then_backwards() -> None:
     assert schedule(3, ["a", "b", "c"]) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+
+
+def test_disk_bytes_counts_regular_files_once_and_not_the_hf_caches_symlinks(tmp_path: Path) -> None:
+    blob = tmp_path / "blobs" / "abc"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x" * 100)
+    snapshot = tmp_path / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    (snapshot / "adapter_model.safetensors").symlink_to(blob)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert disk_bytes(tmp_path) == 102
+    assert disk_bytes(tmp_path / "missing") == 0
