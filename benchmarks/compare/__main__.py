@@ -52,7 +52,8 @@ def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile
     (work / "spec.json").write_text(json.dumps(spec))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     configs: dict[str, Any] = {}
-    for name, binding in OFFLINE_CONFIGS.items():
+    for name in profile.offline_bindings:
+        binding = OFFLINE_CONFIGS[name]
         out = work / f"{name}.json"
         with log.with_suffix(f".{name}.log").open("wb") as sink:
             subprocess.run(

@@ -38,6 +38,7 @@ class Profile:
     cache_slots: int = 8  # loraserve's disk budget, in adapters; --max-cpu-loras is the same
     churn_concurrency: int = 4  # clients in scenario 6: as many as the engine has LoRA slots
     small_tokens: int = 4  # cold start and single flight: time to first token matters, not decoding
+    offline_bindings: tuple[str, ...] = ("default_binding", "all_cores")  # keys of offline.CONFIGS
 
 
 FULL = Profile(
@@ -47,6 +48,7 @@ FULL = Profile(
 QUICK = Profile(
     "quick", repetitions=1, mixed_requests=16, mixed_tokens=8, cost_requests=16, cost_tokens=8,
     cold_adapters=1, flight_clients=16, churn_adapters=16, churn_tokens=2,
+    offline_bindings=("default_binding",),  # the other costs an engine start, and lost every run so far
 )  # fmt: skip
 
 
