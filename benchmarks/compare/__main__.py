@@ -81,6 +81,7 @@ def main() -> None:
         profile = replace(profile, repetitions=args.repetitions)
     flags = EngineFlags(gpu_memory_utilization=args.gpu_memory_utilization, max_cpu_loras=profile.cache_slots)
     began = time.monotonic()
+    commit = _results.git_commit()  # the code that ran, even if the tree changes before the end
     model_dir = embedded_model_dir(Path.home() / ".cache" / "loraserve")
     logs = Path(tempfile.mkdtemp(prefix="bench-logs."))
     runs: list[dict[str, Any]] = []
@@ -91,6 +92,7 @@ def main() -> None:
         for rep, order in enumerate(report.schedule(profile.repetitions, args.arms.split(","))):
             for arm in order:
                 logger.info("repetition %d: %s", rep + 1, arm)
+                load = os.getloadavg()[0]  # other work on the machine shows here: a pair run under load is suspect
                 log = logs / f"{rep}-{arm}.log"
                 try:
                     if arm == "offline":
@@ -100,7 +102,7 @@ def main() -> None:
                 except Exception as exc:  # one failed arm (e.g. RAM taken by other work) must not lose the rest
                     logger.exception("%s failed; its log: %s", arm, log)
                     figures = {"error": f"{type(exc).__name__}: {exc}"}
-                runs.append({"arm": arm, "repetition": rep, "figures": figures})
+                runs.append({"arm": arm, "repetition": rep, "load_average_before": load, "figures": figures})
                 logger.info("%s: %s", arm, json.dumps(_headline(figures)))
     report.derive(runs, budget)
     table = report.rows(runs)
@@ -113,11 +115,12 @@ def main() -> None:
         "loraserve_cache_budget_bytes": budget,
         "wall_s": wall,
     }
-    saved = _results.save(f"compare-{profile.name}", {"setup": setup, "runs": runs}, args.out)
+    saved = _results.save(f"compare-{profile.name}", {"git_commit": commit, "setup": setup, "runs": runs}, args.out)
     text = report.markdown(table)
+    loads = ", ".join(f"{r['repetition'] + 1} {r['arm']} {r['load_average_before']:.1f}" for r in runs)
     (args.out / f"compare-{profile.name}.md").write_text(
         f"Profile `{profile.name}`, {profile.repetitions} repetition(s), {wall / 60:.1f} min; raw figures: "
-        f"`{saved.name}`.\n\n{text}"
+        f"`{saved.name}`. Load average (1 min) before each run: {loads}.\n\n{text}"
     )
     machine = _results.machine()
     title = (

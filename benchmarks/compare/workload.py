@@ -59,6 +59,7 @@ class Timed:
     first: float | None = None  # first content token
     done: float | None = None
     tokens: int = 0  # completion tokens, from the usage chunk
+    prompt_tokens: int = 0  # from the usage chunk: shows both servers got the same prompts
 
     @property
     def ok(self) -> bool:
@@ -83,6 +84,7 @@ class BatchFigures:
     requests: int
     ok: int
     wall_s: float
+    prompt_tokens: int
     output_tokens: int
     output_tok_s: float
     requests_s: float
@@ -121,6 +123,7 @@ def summarize(timed: Sequence[Timed]) -> BatchFigures:
         requests=len(timed),
         ok=len(ok),
         wall_s=wall,
+        prompt_tokens=sum(t.prompt_tokens for t in ok),
         output_tokens=tokens,
         output_tok_s=tokens / wall,
         requests_s=len(ok) / wall,
@@ -172,6 +175,7 @@ class Client:
                         timed.first = time.monotonic()
                     if chunk.get("usage"):
                         timed.tokens = int(chunk["usage"].get("completion_tokens") or 0)
+                        timed.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
             timed.done = time.monotonic()
         except httpx.HTTPError:
             timed.status = -1
