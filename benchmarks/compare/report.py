@@ -272,7 +272,7 @@ def plot(table: Sequence[Row], runs: Sequence[Run], path: Path, title: str) -> N
     left.axvline(1, color="black", linewidth=0.8)
     left.set_xscale("log", base=2)
     low, high = left.get_xlim()
-    left.set_xticks([t for t in (0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4) if low <= t <= high])
+    left.set_xticks([t for t in (0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 8, 16) if low <= t <= high])
     left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.set_yticks(ys, labels, fontsize=8)
