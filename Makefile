@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 ACCEL := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 # A pip user's venv for `make smoke-pip`: built anew each time, removed afterwards.
 PIP_VENV := .venv-pip
 HOST ?= 127.0.0.1
@@ -17,7 +18,7 @@ PORT ?= 8080
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 cpu_torch_index = $(if $(filter cpu,$(ACCEL)),$(shell $(PYTHON) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && echo --extra-index-url $(TORCH_CPU_INDEX)))
 
-.PHONY: install install-test serve smoke smoke-pip test test-unit test-e2e lint clean
+.PHONY: install install-test install-bench bench bench-quick serve smoke smoke-pip test test-unit test-e2e lint clean
 
 install: $(STAMP)
 
@@ -44,6 +45,23 @@ endif
 	@# which loraserve's dependencies outgrew, and needs nothing beyond requests, aiohttp and pydantic.
 	$(BIN)/pip install --quiet --no-deps "lorax-client==0.6.3"
 	@touch $@
+
+install-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(TEST_STAMP)
+	$(BIN)/pip install --quiet -e ".[$(ACCEL),test,bench]" $(cpu_torch_index)
+ifeq ($(ACCEL),cpu)
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@touch $@
+
+# loraserve against `vllm serve --enable-lora` and the offline engine: benchmarks/README.md. The full run
+# takes under 30 minutes, the quick one under 5; results, table and plot land in benchmarks/results/.
+bench: install-bench
+	$(BIN)/python -m benchmarks.compare
+
+bench-quick: install-bench
+	$(BIN)/python -m benchmarks.compare --quick
 
 serve: install
 	$(BIN)/loraserve serve --host $(HOST) --port $(PORT)

@@ -25,13 +25,13 @@ from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _results  # noqa: E402
 from tests.support.adapters import make_lora_adapter  # noqa: E402
 from tests.support.fake_hub import FakeHub  # noqa: E402
 from tests.support.server import free_port, wait_healthy  # noqa: E402
 
 from loraserve.demo import embedded_model_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 MESSAGES = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 
@@ -92,14 +92,11 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
     result = {
-        "benchmark": "adapter_cold_start",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base_warm_ttft_median_s": statistics.median(base_ttft),
         "adapters": adapters,
     }
     print(json.dumps(result, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"adapter_cold_start-{int(time.time())}.json").write_text(json.dumps(result, indent=2))
+    print(_results.save("adapter_cold_start", result))
 
 
 if __name__ == "__main__":

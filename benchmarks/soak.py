@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -38,12 +37,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _results  # noqa: E402
+from benchmarks.compare.workload import zipf_weights  # noqa: E402
 from tests.support.adapters import make_lora_adapter  # noqa: E402
 from tests.support.server import free_port, wait_healthy  # noqa: E402
 
 from loraserve.demo import embedded_model_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 ADAPTERS = [f"soak-{i}" for i in range(8)]
 RETRYABLE = {429, 503, 507}
 
@@ -85,10 +85,6 @@ def make_adapters(folder: Path, model_dir: Path) -> int:
     return sum(p.stat().st_size for p in (folder / ADAPTERS[0]).iterdir())
 
 
-def _zipf_weights(count: int) -> list[float]:
-    return [1.0 / rank for rank in range(1, count + 1)]
-
-
 def _process_group_rss_mb(pgid: int) -> float:
     total = 0
     for entry in Path("/proc").iterdir():
@@ -126,7 +122,7 @@ def _cache_bytes(cache: Path) -> int:
 
 async def _client(url: str, report: SoakReport, stop_at: float, rng: random.Random, max_tokens: int) -> None:
     models = ["", *ADAPTERS]
-    weights = _zipf_weights(len(models))
+    weights = zipf_weights(len(models))
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         while time.monotonic() < stop_at:
             model = rng.choices(models, weights)[0]
@@ -215,15 +211,9 @@ def main() -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
-    figures = {
-        "benchmark": "soak",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        **report.as_dict(),
-    }
+    figures = report.as_dict()
     print(json.dumps(figures, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"soak-{int(time.time())}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(_results.save("soak", figures))
 
 
 if __name__ == "__main__":

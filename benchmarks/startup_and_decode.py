@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -28,12 +27,12 @@ from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _results  # noqa: E402
 from tests.support.adapters import make_lora_adapter  # noqa: E402
 from tests.support.server import free_port, wait_healthy  # noqa: E402
 
 from loraserve.demo import embedded_model_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 ADAPTER = "bench-lora"
 
 
@@ -100,9 +99,6 @@ def main() -> None:
             }
         print(json.dumps(summary, indent=2))
         result = {
-            "benchmark": "startup_and_decode",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "dtype": args.dtype,
             "extra_args": extra,
             "startup_s": startup_s,
@@ -110,8 +106,7 @@ def main() -> None:
             "runs": runs,
         }
         print(json.dumps(result, indent=2))
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"startup_and_decode-{int(time.time())}.json").write_text(json.dumps(result, indent=2))
+        print(_results.save("startup_and_decode", result))
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
