@@ -182,7 +182,8 @@ def test_probe_does_not_claim_an_op_it_cannot_run() -> None:
 
 @pytest.mark.parametrize("name", list(lora_fix.CORRECTED))
 def test_corrected_ops_equal_vllms_when_every_row_has_an_adapter(name: str) -> None:
-    # Off the -1 rows the correction must not change a single bit of what vLLM computes.
+    # Off the -1 rows the correction computes what vLLM does, up to float rounding: one matrix product per run of
+    # rows sums in another order than vLLM's product per row.
     tokens, meta = _segments(INDEX_CASES["no-base"])
     seq_or_tokens = meta if name.startswith("sgmv") else (torch.tensor(tokens),)
     if name.endswith("shrink"):
@@ -200,7 +201,7 @@ def test_corrected_ops_equal_vllms_when_every_row_has_an_adapter(name: str) -> N
     ours, theirs = y0.clone(), y0.clone()
     lora_fix.CORRECTED[name](x, w, ours, *seq_or_tokens, *tail)
     getattr(_installed_ops(), name)(x, w, theirs, *seq_or_tokens, *tail)
-    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(lora_fix.CORRECTED))
