@@ -6,8 +6,10 @@ float32 buffer and one expand_slice per slice into the (tokens, q+k+v) output; o
 expand_slice. vLLM 0.32.0 always takes the sgmv path for linear layers (its v1 runner marks every batch as prefill;
 ``PunicaWrapperCPU`` skips the op when no row has an adapter); the logits layer uses bgmv. Rows are decode tokens.
 
-Besides each op alone, "layer" times one decoder layer's LoRA work through vLLM's real ``PunicaWrapperCPU``
-(``add_lora_linear`` for qkv and for o), as the model calls it, with each implementation bound in turn.
+Besides each op alone, "layer" times one decoder layer's LoRA work through vLLM's real ``PunicaWrapperCPU``, as the
+model calls it, with each implementation bound in turn: vLLM gives every module it can adapt a LoRA layer, so a
+layer runs ``add_lora_linear`` for qkv and o (the adapter's weights) and for gate_up and down (zeroed slots, as
+vLLM's ``reset_lora`` leaves them for a q/k/v/o adapter).
 
 Index patterns: ``base`` every row -1, ``1`` one slot for every row, ``2``/``4`` slots drawn at random per row,
 ``4+base`` four slots and -1 at random. Prints a table (microseconds per call, median of ``--repeats``) and saves
@@ -55,6 +57,7 @@ def _model_shapes() -> dict[str, int]:
         "q": config["num_attention_heads"] * head_dim,
         "kv": config["num_key_value_heads"] * head_dim,
         "vocab": config["vocab_size"],
+        "intermediate": config["intermediate_size"],
         "layers": config["num_hidden_layers"],
     }
 
@@ -156,8 +159,15 @@ def _layer(impl: ModuleType, shapes: dict[str, int], tokens: int, indices: torch
     qkv_b = tuple((torch.randn(SLOTS, 1, n, RANK, generator=gen) / 10).to(dtype) for n in (q, kv, kv))
     o_a = ((torch.randn(SLOTS, 1, RANK, hidden, generator=gen) / 10).to(dtype),)
     o_b = ((torch.randn(SLOTS, 1, hidden, RANK, generator=gen) / 10).to(dtype),)
+    inter = shapes["intermediate"]
+    mlp_a = tuple(torch.zeros(SLOTS, 1, RANK, hidden, dtype=dtype) for _ in range(2))
+    mlp_b = tuple(torch.zeros(SLOTS, 1, inter, RANK, dtype=dtype) for _ in range(2))
+    down_a = (torch.zeros(SLOTS, 1, RANK, inter, dtype=dtype),)
+    down_b = (torch.zeros(SLOTS, 1, hidden, RANK, dtype=dtype),)
     y_qkv = torch.randn(tokens, q + 2 * kv, generator=gen).to(dtype)
     y_o = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    y_mlp = torch.randn(tokens, 2 * inter, generator=gen).to(dtype)
+    x_down = torch.randn(tokens, inter, generator=gen).to(dtype)
     bound = {name: getattr(impl, name) for name in lora_fix.CORRECTED}
 
     def run() -> None:
@@ -166,6 +176,8 @@ def _layer(impl: ModuleType, shapes: dict[str, int], tokens: int, indices: torch
         try:
             wrapper.add_lora_linear(y_qkv, x, qkv_a, qkv_b, 1.0, (q, kv, kv))
             wrapper.add_lora_linear(y_o, x, o_a, o_b, 1.0, (hidden,))
+            wrapper.add_lora_linear(y_mlp, x, mlp_a, mlp_b, 1.0, (inter, inter))
+            wrapper.add_lora_linear(y_o, x_down, down_a, down_b, 1.0, (hidden,))
         finally:
             vars(punica_cpu).update(saved)
 

@@ -265,6 +265,58 @@ def test_expand_into_narrower_output(tokens: list[int]) -> None:
     torch.testing.assert_close(y, y0 + reference(x, b, tokens)[:, :OUT])
 
 
+@pytest.mark.parametrize("tokens", [[1, 1, 1, 1], [1, -1, 0, 2, 1, 0, -1, 1]], ids=["one-slot", "short-runs"])
+def test_a_zero_slot_is_skipped_until_it_is_written(tokens: list[int]) -> None:
+    # vLLM zeroes a slot for modules its adapter leaves alone; skipping it must not outlive the next write to it.
+    x, a = _randn(len(tokens), HIDDEN, seed=80), _weights(RANK, HIDDEN, seed=81)
+    a[1] = 0  # as reset_lora
+    if 0 in tokens or 2 in tokens:
+        a[0] = a[2] = 0
+    y = torch.full((len(tokens), RANK), 7.0)
+    lora_fix.bgmv_shrink(x, a, y, torch.tensor(tokens), 1.0)
+    assert torch.equal(y, torch.zeros(len(tokens), RANK))
+    b = _weights(OUT, RANK, seed=82)
+    b[1] = 0
+    y0 = _randn(len(tokens), OUT, seed=83)
+    y = y0.clone()
+    lora_fix.bgmv_expand(x[:, :RANK], b, y, torch.tensor(tokens), True)
+    torch.testing.assert_close(y, y0 + reference(x[:, :RANK], b, tokens))
+    # vLLM loads an adapter into the slot in place (set_lora's copy_): the next call must use it.
+    a[1, 0].copy_(_randn(RANK, HIDDEN, seed=84))
+    b[1, 0, :5].copy_(_randn(5, RANK, seed=85))
+    y = torch.full((len(tokens), RANK), 7.0)
+    lora_fix.bgmv_shrink(x, a, y, torch.tensor(tokens), 1.0)
+    torch.testing.assert_close(y, reference(x, a, tokens))
+    y = y0.clone()
+    lora_fix.bgmv_expand(x[:, :RANK], b, y, torch.tensor(tokens), True)
+    torch.testing.assert_close(y, y0 + reference(x[:, :RANK], b, tokens))
+
+
+@pytest.mark.parametrize("tokens", [[1, 1], [1, 1] * 40 + [-1] * 60], ids=["one-slot", "long-runs"])
+def test_a_bf16_slot_cast_for_the_float32_buffer_follows_writes(tokens: list[int]) -> None:
+    # bf16 weights into vLLM's float32 shrink buffer: the float32 copy of a slot must be redone after a write.
+    x = _randn(len(tokens), HIDDEN, seed=87).bfloat16()
+    a = _weights(RANK, HIDDEN, seed=88).bfloat16()
+    for seed in (89, 90):
+        y = torch.zeros(len(tokens), RANK)
+        lora_fix.bgmv_shrink(x, a, y, torch.tensor(tokens), 1.0)
+        torch.testing.assert_close(y, reference(x.float(), a.float(), tokens))
+        a[1, 0] = _randn(RANK, HIDDEN, seed=seed).bfloat16()
+
+
+def test_weights_made_in_inference_mode_are_never_skipped() -> None:
+    # Inference tensors keep no version counter, so nothing is remembered about them.
+    x = _randn(2, HIDDEN, seed=86)
+    with torch.inference_mode():
+        a = torch.zeros(SLOTS, 1, RANK, HIDDEN)
+        y = torch.full((2, RANK), 7.0)
+        lora_fix.bgmv_shrink(x, a, y, torch.tensor([1, 1]), 1.0)
+        assert torch.equal(y, torch.zeros(2, RANK))
+        a[1, 0] = 1.0
+        lora_fix.bgmv_shrink(x, a, y, torch.tensor([1, 1]), 1.0)
+    torch.testing.assert_close(y, reference(x, torch.ones(SLOTS, 1, RANK, HIDDEN), [1, 1]))
+
+
 # --- detection -----------------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -52,6 +52,12 @@ _applied = False
 #   one adapter's weights never reach another adapter's row or a base row.
 #
 # Products are computed in the output's dtype, as vLLM's ops do; the results equal theirs up to float rounding.
+#
+# vLLM gives every module it can adapt (q/k/v, o, gate/up, down on Llama) a LoRA layer, and a slot whose adapter
+# does not touch that module holds zeros (``reset_lora``); those products are skipped. Whether a slot is zero, and
+# the slot's matrix cast to float32 for the shrink buffer (bf16 models), are remembered on the weights tensor with
+# its version counter, which every in-place write (vLLM's ``copy_`` into a slot, ``reset_lora``'s assignment)
+# bumps: a slot is looked at again after each write.
 
 _Runs = list[tuple[slice, int]]
 _ALL = slice(None)
@@ -77,12 +83,16 @@ def _few(runs: _Runs, tokens: int) -> bool:
 class _Plan:
     """How to compute a batch: ``runs`` of rows with one slot each, or else per-row ``slots`` (a LongTensor)."""
 
-    __slots__ = ("runs", "slots", "base_rows")
+    __slots__ = ("runs", "slots", "used")
 
-    def __init__(self, runs: _Runs | None, slots: torch.Tensor | None = None, base_rows: bool = False) -> None:
+    def __init__(self, runs: _Runs | None, slots: torch.Tensor | None = None, used: set[int] | None = None) -> None:
         self.runs = runs
         self.slots = slots
-        self.base_rows = base_rows  # some row has no adapter (-1)
+        self.used = used or set()  # the slots ``slots`` holds, -1 included
+
+    @property
+    def base_rows(self) -> bool:
+        return -1 in self.used
 
 
 def _token_plan(indices: torch.Tensor) -> _Plan:
@@ -98,7 +108,7 @@ def _token_plan(indices: torch.Tensor) -> _Plan:
             slots.append(value)
             lengths.append(1)
     runs = _runs(slots, lengths)
-    return _Plan(runs) if _few(runs, len(values)) else _Plan(None, indices, -1 in slots)
+    return _Plan(runs) if _few(runs, len(values)) else _Plan(None, indices, set(slots))
 
 
 def _segment_plan(lora_indices: torch.Tensor, seq_lens: torch.Tensor, batches: int) -> _Plan:
@@ -110,13 +120,43 @@ def _segment_plan(lora_indices: torch.Tensor, seq_lens: torch.Tensor, batches: i
     runs = _runs(slots, lengths)
     if _few(runs, sum(lengths)):
         return _Plan(runs)
-    return _Plan(None, torch.repeat_interleave(lora_indices, seq_lens), -1 in slots)
+    return _Plan(None, torch.repeat_interleave(lora_indices, seq_lens), set(slots))
 
 
-def _matrix(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+_REMEMBERED = "_loraserve_remembered"
+_Value = TypeVar("_Value")
+
+
+def _remember(weights: torch.Tensor, key: tuple[Any, ...], compute: Callable[[], _Value]) -> _Value:
+    """``compute()``, remembered on ``weights`` until the tensor is next written in place (its version changes)."""
+    try:
+        version = weights._version
+    except RuntimeError:  # an inference tensor keeps no version counter: nothing is remembered
+        return compute()
+    known: dict[tuple[Any, ...], tuple[int, Any]] = weights.__dict__.setdefault(_REMEMBERED, {})
+    seen = known.get(key)
+    if seen is None or seen[0] != version:
+        seen = known[key] = (version, compute())
+    value: _Value = seen[1]
+    return value
+
+
+def _slot(weights: torch.Tensor, slot: int) -> torch.Tensor:
     # (slots, 1, out, in) as vLLM stacks them, or (slots, out, in).
-    matrix = weights[slot, 0] if weights.dim() == 4 else weights[slot]
-    return matrix.to(dtype=dtype)
+    return weights[slot, 0] if weights.dim() == 4 else weights[slot]
+
+
+def _zero(weights: torch.Tensor, slot: int) -> bool:
+    """Whether the slot holds only zeros (a module the slot's adapter leaves alone)."""
+    return _remember(weights, ("zero", slot), lambda: not bool(weights[slot].any()))
+
+
+def _transposed(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """The slot's (in, out) matrix in ``dtype``; a cast (bf16 weights, float32 shrink buffer) is made once per write."""
+    matrix = _slot(weights, slot)
+    if matrix.dtype == dtype:
+        return matrix.t()
+    return _remember(weights, ("cast", slot, dtype), lambda: matrix.to(dtype=dtype).t())
 
 
 def _lora(
@@ -133,24 +173,43 @@ def _lora(
     the output; its width must be the weights' output width.
     """
     dtype = target.dtype
-    x = inputs.to(dtype=dtype)
     if plan.runs is not None:
+        x: torch.Tensor | None = None
         for rows, slot in plan.runs:
-            if slot < 0:
+            part = target if rows is _ALL else target[rows]
+            if slot < 0 or _zero(weights, slot):  # no adapter, or one that leaves this module alone
                 if not add:
-                    target[rows].zero_()
+                    part.zero_()
                 continue
-            result = torch.nn.functional.linear(x[rows], _matrix(weights, slot, dtype))
+            if x is None:
+                x = inputs.to(dtype=dtype)
+            x_rows = x if rows is _ALL else x[rows]
+            matrix = _transposed(weights, slot, dtype)
+            if scaling == 1.0 and part.is_contiguous():  # straight into the output, no intermediate
+                if add:
+                    part.addmm_(x_rows, matrix)
+                else:
+                    torch.mm(x_rows, matrix, out=part)
+                continue
+            result = torch.mm(x_rows, matrix)
             if scaling != 1.0:
                 result.mul_(scaling)
             if add:
-                target[rows].add_(result)
+                part.add_(result)
             else:
-                target[rows].copy_(result)
+                part.copy_(result)
         return
     assert plan.slots is not None
+    if all(slot < 0 or _zero(weights, slot) for slot in plan.used):
+        if not add:
+            target.zero_()
+        return
+    x = inputs.to(dtype=dtype)
     slots, width = weights.shape[0], weights.shape[-2]
-    every = torch.nn.functional.linear(x, weights.reshape(slots * width, weights.shape[-1]).to(dtype=dtype))
+    stacked = weights.reshape(slots * width, weights.shape[-1])  # a view of vLLM's contiguous stack, no copy
+    if stacked.dtype != dtype:
+        stacked = _remember(weights, ("cast", None, dtype), lambda: stacked.to(dtype=dtype))
+    every = torch.nn.functional.linear(x, stacked)
     result = every.view(x.shape[0], slots, width)[torch.arange(x.shape[0]), plan.slots.clamp(min=0)]
     if plan.base_rows:
         # masked_fill rather than a multiply: a base row is exactly 0 whatever the slot it read holds.
@@ -163,8 +222,12 @@ def _lora(
         target.copy_(result)
 
 
+def _columns(output: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    return output if start == 0 and width == output.shape[1] else output.narrow(1, start, width)
+
+
 def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: _Plan, scaling: float) -> None:
-    _lora(inputs, weights, output[:, : weights.shape[-2]], plan, add=False, scaling=scaling)
+    _lora(inputs, weights, _columns(output, 0, weights.shape[-2]), plan, add=False, scaling=scaling)
 
 
 def _expand(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: _Plan, add: bool) -> None:
@@ -173,7 +236,7 @@ def _expand(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, p
     if inputs.shape[0] == output.shape[0]:
         # Adapter and model may pad their widths differently: only the common columns.
         narrowed = weights if common_len == width else weights[..., :common_len, :]
-        _lora(inputs, narrowed, output[:, :common_len], plan, add=add)
+        _lora(inputs, narrowed, _columns(output, 0, common_len), plan, add=add)
         return
     # As in vLLM: one input row broadcasts over every output row (else the first output rows are used).
     outputs = torch.zeros(inputs.shape[0], width, dtype=output.dtype)
@@ -194,7 +257,7 @@ def _expand_slice(
     slice_size: int,
     add: bool,
 ) -> None:
-    _lora(inputs, weights, output[:, slice_offset : slice_offset + slice_size], plan, add=add)
+    _lora(inputs, weights, _columns(output, slice_offset, slice_size), plan, add=add)
 
 
 def bgmv_shrink(
