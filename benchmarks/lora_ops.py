@@ -12,7 +12,8 @@ layer runs ``add_lora_linear`` for qkv and o (the adapter's weights) and for gat
 vLLM's ``reset_lora`` leaves them for a q/k/v/o adapter).
 
 Index patterns: ``base`` every row -1, ``1`` one slot for every row, ``2``/``4`` slots drawn at random per row,
-``4+base`` four slots and -1 at random. Prints a table (microseconds per call, median of ``--repeats``) and saves
+``4+base`` four slots and -1 at random. The ``no-op`` column runs ops that do nothing, so its "layer" figure is
+the cost of vLLM's wrapper alone. Prints a table (microseconds per call, median of ``--repeats``) and saves
 JSON under benchmarks/results/. Run on a quiet machine if you can; say so when you cannot.
 
     .venv/bin/python benchmarks/lora_ops.py [--batches 1 8 32] [--dtypes float32 bfloat16] [--threads 1]
@@ -82,6 +83,10 @@ def _implementations(baseline: str) -> dict[str, ModuleType]:
     else:
         print(f"(no loraserve at {baseline}: {old.stderr.strip()})", file=sys.stderr)
     impls["loraserve"] = lora_fix
+    # Ops that do nothing: what is left of "layer" is vLLM's PunicaWrapperCPU around the ops (buffers, metadata).
+    impls["no-op"] = ModuleType("no_op_ops")
+    for name in lora_fix.CORRECTED:
+        setattr(impls["no-op"], name, lambda *args: None)
     return impls
 
 
@@ -213,6 +218,9 @@ def main() -> None:
                 for op in args.ops:
                     cells = []
                     for name, impl in impls.items():
+                        if name == "no-op" and op != "layer":
+                            cells.append(f"{'':>22}")
+                            continue
                         if op == "layer":
                             fn = _layer(impl, shapes, tokens, indices, dtype)
                         else:
