@@ -51,11 +51,12 @@ _applied = False
 #   its own slot's columns and rows without an adapter are zeroed. Each output value still reads one slot only, so
 #   one adapter's weights never reach another adapter's row or a base row.
 #
-# Products are computed in the output's dtype, as vLLM's ops do; the results equal theirs up to float rounding.
+# Products are computed in the output's dtype, as vLLM's ops do, except that bf16/fp16 outputs get a float32 product
+# rounded once (vLLM's round twice); the results equal theirs up to float rounding.
 #
 # vLLM gives every module it can adapt (q/k/v, o, gate/up, down on Llama) a LoRA layer, and a slot whose adapter
 # does not touch that module holds zeros (``reset_lora``); those products are skipped. Whether a slot is zero, and
-# the slot's matrix cast to float32 for the shrink buffer (bf16 models), are remembered on the weights tensor with
+# the slot's matrix cast to float32 (bf16 models), are remembered on the weights tensor with
 # its version counter, which every in-place write (vLLM's ``copy_`` into a slot, ``reset_lora``'s assignment)
 # bumps: a slot is looked at again after each write.
 
@@ -152,7 +153,7 @@ def _zero(weights: torch.Tensor, slot: int) -> bool:
 
 
 def _transposed(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    """The slot's (in, out) matrix in ``dtype``; a cast (bf16 weights, float32 shrink buffer) is made once per write."""
+    """The slot's (in, out) matrix in ``dtype``; a cast (bf16 weights to float32) is made once per write."""
     matrix = _slot(weights, slot)
     if matrix.dtype == dtype:
         return matrix.t()
@@ -172,7 +173,9 @@ def _lora(
     A row without an adapter is left alone when adding and zeroed when writing. ``target`` may be a column slice of
     the output; its width must be the weights' output width.
     """
-    dtype = target.dtype
+    # bf16/fp16 outputs: multiply in float32 and round once into the output. vLLM rounds the product to the output's
+    # dtype and then the sum; here only the sum. Without AVX-512 a bf16 matrix product is also 2-4x slower.
+    dtype = torch.float32 if target.dtype in (torch.bfloat16, torch.float16) else target.dtype
     if plan.runs is not None:
         x: torch.Tensor | None = None
         for rows, slot in plan.runs:
@@ -185,7 +188,7 @@ def _lora(
                 x = inputs.to(dtype=dtype)
             x_rows = x if rows is _ALL else x[rows]
             matrix = _transposed(weights, slot, dtype)
-            if scaling == 1.0 and part.is_contiguous():  # straight into the output, no intermediate
+            if scaling == 1.0 and part.dtype == dtype and part.is_contiguous():  # straight into the output
                 if add:
                     part.addmm_(x_rows, matrix)
                 else:
