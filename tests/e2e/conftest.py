@@ -60,6 +60,7 @@ def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
     publish("acme/concurrent", 4)
     publish("acme/pickled", 5, pickle_only=True)
     publish("acme/rank-32", 6, r=32)
+    publish("acme/single-flight", 9)  # only the single-flight test asks for it: it must be cold there
     local = make_lora_adapter(base, work / "local" / "team" / "local-a", seed=7)
     made["team/local-a"] = local
     made["s3://loras/team/s3-a"] = make_lora_adapter(base, work / "s3-a", seed=8)

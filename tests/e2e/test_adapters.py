@@ -53,12 +53,12 @@ def test_sixteen_concurrent_first_requests_download_each_file_once(server: Runni
     client = server.client()
 
     def ask(_: int) -> str:
-        return client.completions.create(model="acme/concurrent", prompt=PROMPT, max_tokens=2, temperature=0).id
+        return client.completions.create(model="acme/single-flight", prompt=PROMPT, max_tokens=2, temperature=0).id
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(ask, range(16)))
     assert len(set(ids)) == 16
-    downloads = {name: count for (repo, name), count in server.hub.hits.items() if repo == "acme/concurrent"}
+    downloads = {name: count for (repo, name), count in server.hub.hits.items() if repo == "acme/single-flight"}
     assert downloads and set(downloads.values()) == {1}, downloads
     assert "adapter_model.safetensors" in downloads
 
