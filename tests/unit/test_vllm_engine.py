@@ -6,7 +6,7 @@ import pytest
 import xgrammar
 
 from loraserve.engine import SamplingOptions, StructuredOutput
-from loraserve.engine.vllm_engine import COMPACT_JSON_OBJECT_GRAMMAR, _sampling_params
+from loraserve.engine.vllm_engine import COMPACT_JSON_OBJECT_GRAMMAR, _sampling_params, apply_cpu_defaults
 
 
 def _accepts(text: str) -> bool:
@@ -46,3 +46,12 @@ def test_json_object_requests_use_the_compact_grammar() -> None:
     options = SamplingOptions(max_tokens=8, structured=StructuredOutput("json_object"))
     params = _sampling_params(options).structured_outputs
     assert params is not None and params.grammar == COMPACT_JSON_OBJECT_GRAMMAR and not params.json_object
+
+
+def test_on_a_cpu_the_engine_computes_on_every_core_unless_the_user_says_otherwise() -> None:
+    environ: dict[str, str] = {}
+    apply_cpu_defaults(environ)
+    assert environ == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # this machine is a CPU one
+    mine = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    apply_cpu_defaults(mine)
+    assert mine == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
