@@ -147,3 +147,19 @@ def test_every_native_route_answers_errors_in_loraxs_shape(client: TestClient) -
     from loraserve.routes.lorax import router
 
     assert {route.path for route in router.routes} == LORAX_PATHS  # type: ignore[attr-defined]
+
+
+def test_an_impossible_token_logprob_is_finite_json(client: TestClient, engine) -> None:  # type: ignore[no-untyped-def]
+    from loraserve.engine import TokenLogprob
+
+    real = engine.generate
+
+    async def impossible(*args, **kwargs):  # type: ignore[no-untyped-def]
+        async for delta in real(*args, **kwargs):
+            delta.logprobs = [TokenLogprob(lp.token_id, lp.token, float("-inf"), lp.top) for lp in delta.logprobs or []]
+            yield delta
+
+    engine.generate = impossible
+    response = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}})
+    assert "Infinity" not in response.text  # strict JSON parsers refuse -Infinity
+    assert [t["logprob"] for t in response.json()["details"]["tokens"]] == [-9999.0, -9999.0]

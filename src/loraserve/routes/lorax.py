@@ -11,7 +11,9 @@ carrying the whole text, and LoRAX's ``x-*`` headers. Errors are LoRAX-shaped
 from __future__ import annotations
 
 import json
+import math
 import time
+import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from transformers import PreTrainedTokenizerBase
 
 from loraserve.engine import SamplingOptions, StructuredOutput, TokenLogprob
 from loraserve.errors import InvalidRequest, lorax_error_body
@@ -123,15 +126,32 @@ def _finish_reason(choice_reason: str | None, stop_reason: int | str | None) -> 
     return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
 
 
+# Token ids each tokenizer calls special: `all_special_ids` builds a new list on every access, and a stream
+# asks once per token. Weak keys: an evicted adapter's tokenizer is not kept alive by this.
+_SPECIAL_IDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids = _SPECIAL_IDS.get(tokenizer)
+    if ids is None:
+        ids = _SPECIAL_IDS[tokenizer] = frozenset(tokenizer.all_special_ids)
+    return ids
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -Infinity; OpenAI writes an impossible token's logprob as -9999.0, and so does this."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _token(prepared: PreparedRequest, token_id: int, text: str, logprob: TokenLogprob | None) -> dict[str, Any]:
     token: dict[str, Any] = {
         "id": token_id,
         "text": logprob.token if logprob is not None else text,
-        "logprob": logprob.logprob if logprob is not None else 0.0,
-        "special": token_id in prepared.target.chat.tokenizer.all_special_ids,
+        "logprob": _finite(logprob.logprob) if logprob is not None else 0.0,
+        "special": token_id in _special_ids(prepared.target.chat.tokenizer),
     }
     if logprob is not None and logprob.top:
-        token["alternative_tokens"] = [{"id": i, "text": t, "logprob": lp} for i, t, lp in logprob.top]
+        token["alternative_tokens"] = [{"id": i, "text": t, "logprob": _finite(lp)} for i, t, lp in logprob.top]
     return token
 
 
@@ -146,7 +166,11 @@ def _prefill(prepared: PreparedRequest, choice: FinishedChoice) -> list[dict[str
     tokenizer = prepared.target.chat.tokenizer
     ids = prepared.calls[0].prompt_token_ids
     return [
-        {"id": tid, "text": lp.token if lp else str(tokenizer.decode([tid])), "logprob": lp.logprob if lp else None}
+        {
+            "id": tid,
+            "text": lp.token if lp else str(tokenizer.decode([tid])),
+            "logprob": _finite(lp.logprob) if lp else None,
+        }
         for tid, lp in zip(ids, choice.prompt_logprobs, strict=False)
     ]
 
