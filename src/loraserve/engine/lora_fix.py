@@ -194,13 +194,7 @@ def _lora(
                 else:
                     torch.mm(x_rows, matrix, out=part)
                 continue
-            result = torch.mm(x_rows, matrix)
-            if scaling != 1.0:
-                result.mul_(scaling)
-            if add:
-                part.add_(result)
-            else:
-                part.copy_(result)
+            _deposit(part, torch.mm(x_rows, matrix), scaling, add)
         return
     assert plan.slots is not None
     if all(slot < 0 or _zero(weights, slot) for slot in plan.used):
@@ -217,6 +211,11 @@ def _lora(
     if plan.base_rows:
         # masked_fill rather than a multiply: a base row is exactly 0 whatever the slot it read holds.
         result.masked_fill_((plan.slots < 0).unsqueeze(1), 0)
+    _deposit(target, result, scaling, add)
+
+
+def _deposit(target: torch.Tensor, result: torch.Tensor, scaling: float, add: bool) -> None:
+    """Scale a computed product (in place: it is a temporary) and add it to, or write it into, the output."""
     if scaling != 1.0:
         result.mul_(scaling)
     if add:
