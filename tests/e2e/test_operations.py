@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -23,6 +22,7 @@ from loraserve.errors import LORAX_PATHS
 from tests.e2e.conftest import RunningServer, _serve, _World
 from tests.support.endpoint_picker import EPP_METRICS, LORA_INFO_LABELS
 from tests.support.metrics import names, samples, value
+from tests.support.server import wait_until
 
 KEY = "sk-e2e-operations"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -81,10 +81,7 @@ def _moved_sum(before: str, after: str, name: str) -> float:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
+    wait_until(condition, timeout=timeout, interval=0.2)
 
 
 def test_counters_move_by_exactly_what_the_requests_did(ops: RunningServer) -> None:

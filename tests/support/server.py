@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,3 +34,11 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float, l
             pass
         time.sleep(0.5)
     raise RuntimeError(f"server not healthy after {timeout_s:.0f} s{tail()}")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float) -> None:
+    """Return once ``condition()`` holds; fail the test when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from loraserve.app import create_app
 from loraserve.config import Settings
+from tests.support.server import wait_until
 from tests.unit.conftest import FakeEngine
 
 LOAD, UNLOAD, CHAT = "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/chat/completions"
@@ -26,11 +26,8 @@ def _adapter_row(client: TestClient, root_prefix: str) -> dict:
     return next(r for r in client.get("/v1/adapters").json()["data"] if r["root"].startswith(root_prefix))
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def _wait_for(condition: Callable[[], bool]) -> None:
+    wait_until(condition, timeout=5.0, interval=0.01)
 
 
 def test_load_by_path_answers_as_vllm_and_serves_under_the_name(

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,17 +35,6 @@ def loras(tmp_path: Path) -> Path:
     write_adapter(root / "team" / "a")
     write_adapter(root / "team" / "b", rank=8)
     return root
-
-
-@pytest.fixture
-def server_pid() -> Iterator[int]:
-    """A live process other than this one, standing for a running server."""
-    process = subprocess.Popen(["sleep", "120"])
-    try:
-        yield process.pid
-    finally:
-        process.kill()
-        process.wait()
 
 
 def run(cache: Path, *argv: str) -> int:
@@ -109,22 +97,22 @@ def test_list_on_an_empty_cache_says_so_and_creates_nothing(cache: Path, capsys:
 
 
 def test_list_shows_each_entry_with_its_version_size_last_use_and_users(
-    cache: Path, loras: Path, server_pid: int, capsys: pytest.CaptureFixture[str]
+    cache: Path, loras: Path, other_process: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hub = hub_entry(cache, "acme/sql", 100, version="0123456789abcdef")
     assert pull(cache, loras, "team/a") == 0
-    mark(cache, hub.key, server_pid)
+    mark(cache, hub.key, other_process)
     mark(cache, hub.key, DEAD_PID)  # a server that died: not a user
     (cache / "tmp" / f"{hub.key}.{DEAD_PID}.0.incomplete").mkdir()
     capsys.readouterr()
 
     assert run(cache, "list") == 0
     table = capsys.readouterr().out
-    assert "acme/sql" in table and "0123456789ab" in table and f"pid {server_pid}" in table
+    assert "acme/sql" in table and "0123456789ab" in table and f"pid {other_process}" in table
     assert "local:team/a" in table and "2 adapters" in table and "prune" in table
 
     by_ref = {row["ref"]: row for row in rows(cache, capsys)}
-    assert by_ref["acme/sql"]["in_use_by"] == [server_pid]
+    assert by_ref["acme/sql"]["in_use_by"] == [other_process]
     assert by_ref["acme/sql"]["size_bytes"] == 100 and by_ref["acme/sql"]["version"] == "0123456789abcdef"
     assert by_ref["local:team/a"]["in_use_by"] == [] and by_ref["local:team/a"]["source"] == "local"
     assert listing(cache, capsys)["leftovers"] == 2  # the dead download and the dead server's marker
@@ -213,12 +201,12 @@ def test_pull_from_the_hub_pins_the_commit_and_shows_progress(
 
 
 def test_pull_evicts_the_least_recently_used_but_never_what_a_server_uses(
-    cache: Path, loras: Path, server_pid: int, capsys: pytest.CaptureFixture[str]
+    cache: Path, loras: Path, other_process: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     used = hub_entry(cache, "acme/used", 1000)
     idle = hub_entry(cache, "acme/idle", 1000)
     age(cache, used.key, 3600)  # least recently used, but a server has it loaded
-    mark(cache, used.key, server_pid)
+    mark(cache, used.key, other_process)
     room = str(1000 + _folder_bytes(loras / "team" / "a") + 100)  # acme/idle must go for team/a
     assert pull(cache, loras, "team/a", "--adapter-cache-size", room) == 0
     assert "evicting acme/idle" in capsys.readouterr().out
@@ -256,13 +244,13 @@ def test_a_pull_waits_for_a_server_writing_the_same_adapter_then_adopts_its_copy
 
 
 def test_rm_refuses_an_adapter_a_live_server_has_loaded_until_that_server_is_gone(
-    cache: Path, loras: Path, server_pid: int, capsys: pytest.CaptureFixture[str]
+    cache: Path, loras: Path, other_process: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     entry = hub_entry(cache, "acme/a", 10)
-    marker = mark(cache, entry.key, server_pid)
+    marker = mark(cache, entry.key, other_process)
     assert run(cache, "rm", "acme/a") == 1
     err = capsys.readouterr().err
-    assert f"pid {server_pid}" in err and "not removed" in err
+    assert f"pid {other_process}" in err and "not removed" in err
     assert entry.path.is_dir()
 
     marker.unlink()
@@ -307,14 +295,14 @@ async def test_a_server_that_had_the_entry_in_its_index_fetches_it_again_after_r
 
 
 def test_prune_removes_leftovers_and_what_no_server_uses(
-    cache: Path, server_pid: int, capsys: pytest.CaptureFixture[str]
+    cache: Path, other_process: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     used = hub_entry(cache, "acme/used", 10)
     hub_entry(cache, "acme/idle", 10)
-    mark(cache, used.key, server_pid)
+    mark(cache, used.key, other_process)
     stale = mark(cache, used.key, DEAD_PID)
     dead_download = cache / "tmp" / f"{used.key}.{DEAD_PID}.0.incomplete"
-    live_download = cache / "tmp" / f"{used.key}.{server_pid}.0.incomplete"
+    live_download = cache / "tmp" / f"{used.key}.{other_process}.0.incomplete"
     unreadable = cache / "entries" / "garbage"
     for folder in (dead_download, live_download, unreadable):
         folder.mkdir()

@@ -3,9 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -216,17 +214,6 @@ async def test_opening_the_cache_keeps_downloads_of_live_owners_and_sweeps_dead_
     gate.set()
     entry = await asyncio.wait_for(downloading, 10)  # the first server's download was left alone
     assert (entry.path / "weights").exists()
-
-
-@pytest.fixture
-def other_process() -> Iterator[int]:
-    """A live process other than this one (a server sharing the cache folder)."""
-    process = subprocess.Popen(["sleep", "120"])
-    try:
-        yield process.pid
-    finally:
-        process.kill()
-        process.wait()
 
 
 async def test_mark_in_use_leaves_a_marker_until_unmarked_and_refuses_a_vanished_entry(tmp_path: Path) -> None:
