@@ -172,7 +172,11 @@ class FakeHub:
         if self._server is not None:
             return self.url
         # Binding the socket here (port 0) avoids the pick-a-free-port-then-race dance.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (3.11), and an
+        # accepted socket inherits the listener's 0. Without it every response after the first on a kept-alive
+        # connection (huggingface_hub keeps them) waits ~40 ms: headers and body are two writes, Nagle holds
+        # the body until the client's delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         config = uvicorn.Config(
