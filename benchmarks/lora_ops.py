@@ -13,8 +13,10 @@ vLLM's ``reset_lora`` leaves them for a q/k/v/o adapter).
 
 Index patterns: ``base`` every row -1, ``1`` one slot for every row, ``2``/``4`` slots drawn at random per row,
 ``4+base`` four slots and -1 at random. The ``no-op`` column runs ops that do nothing, so its "layer" figure is
-the cost of vLLM's wrapper alone. Prints a table (microseconds per call, median of ``--repeats``) and saves
-JSON under benchmarks/results/. Run on a quiet machine if you can; say so when you cannot.
+the cost of vLLM's wrapper alone; ``planned`` runs loraserve's planned ``add_lora_linear``
+(``engine/lora_linear.py``, what the engine runs on CPU) in place of the wrapper's, so it has a "layer" figure
+only. Prints a table (microseconds per call, median of ``--repeats``) and saves JSON under benchmarks/results/.
+Run on a quiet machine if you can; say so when you cannot.
 
     .venv/bin/python benchmarks/lora_ops.py [--batches 1 8 32] [--dtypes float32 bfloat16] [--threads 1]
 """
@@ -40,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loraserve.engine import lora_fix  # noqa: E402
+from loraserve.engine import lora_fix, lora_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SLOTS, RANK = 4, 16
@@ -83,6 +85,9 @@ def _implementations(baseline: str) -> dict[str, ModuleType]:
     else:
         print(f"(no loraserve at {baseline}: {old.stderr.strip()})", file=sys.stderr)
     impls["loraserve"] = lora_fix
+    # loraserve's planned add_lora_linear (engine/lora_linear.py), its ops bound underneath for what it leaves.
+    impls["planned"] = ModuleType("planned")
+    vars(impls["planned"]).update({name: getattr(lora_fix, name) for name in lora_fix.CORRECTED}, planned=True)
     # Ops that do nothing: what is left of "layer" is vLLM's PunicaWrapperCPU around the ops (buffers, metadata).
     impls["no-op"] = ModuleType("no_op_ops")
     for name in lora_fix.CORRECTED:
@@ -174,15 +179,26 @@ def _layer(impl: ModuleType, shapes: dict[str, int], tokens: int, indices: torch
     y_mlp = torch.randn(tokens, 2 * inter, generator=gen).to(dtype)
     x_down = torch.randn(tokens, inter, generator=gen).to(dtype)
     bound = {name: getattr(impl, name) for name in lora_fix.CORRECTED}
+    if getattr(impl, "planned", False):
+        lora_linear.plan_step(wrapper)
+        plan = wrapper.__dict__[lora_linear._PLAN]
+
+        def add_lora_linear(*args: Any) -> None:
+            assert lora_linear.add_lora_linear(plan, *args)
+
+    else:
+
+        def add_lora_linear(*args: Any) -> None:
+            wrapper.add_lora_linear(*args)
 
     def run() -> None:
         saved = {name: vars(punica_cpu)[name] for name in bound}
         vars(punica_cpu).update(bound)
         try:
-            wrapper.add_lora_linear(y_qkv, x, qkv_a, qkv_b, 1.0, (q, kv, kv))
-            wrapper.add_lora_linear(y_o, x, o_a, o_b, 1.0, (hidden,))
-            wrapper.add_lora_linear(y_mlp, x, mlp_a, mlp_b, 1.0, (inter, inter))
-            wrapper.add_lora_linear(y_o, x_down, down_a, down_b, 1.0, (hidden,))
+            add_lora_linear(y_qkv, x, qkv_a, qkv_b, 1.0, (q, kv, kv))
+            add_lora_linear(y_o, x, o_a, o_b, 1.0, (hidden,))
+            add_lora_linear(y_mlp, x, mlp_a, mlp_b, 1.0, (inter, inter))
+            add_lora_linear(y_o, x_down, down_a, down_b, 1.0, (hidden,))
         finally:
             vars(punica_cpu).update(saved)
 
@@ -218,7 +234,7 @@ def main() -> None:
                 for op in args.ops:
                     cells = []
                     for name, impl in impls.items():
-                        if name == "no-op" and op != "layer":
+                        if name in ("no-op", "planned") and op != "layer":
                             cells.append(f"{'':>22}")
                             continue
                         if op == "layer":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from fastapi.testclient import TestClient
@@ -178,3 +181,25 @@ def client(settings: Settings, engine: FakeEngine) -> Iterator[TestClient]:
 
 
 __all__ = ["EngineRejected", "FakeEngine", "make_tokenizer_dir"]
+
+
+@pytest.fixture
+def punica_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """vLLM's CPU punica module with loraserve's ``lora_fix.apply()`` run in this process; every op binding and the
+    wrapper's methods are restored afterwards."""
+    pytest.importorskip("vllm")
+    from loraserve.engine import lora_fix
+
+    module = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    for name, mod in list(sys.modules.items()):
+        for op in lora_fix.CORRECTED:
+            if name.startswith("vllm") and mod is not None and op in vars(mod):
+                monkeypatch.setattr(mod, op, vars(mod)[op])  # records the binding for teardown
+    for method in ("update_metadata", "add_lora_linear"):  # apply() also plans the wrapper's linear layers
+        monkeypatch.setattr(module.PunicaWrapperCPU, method, getattr(module.PunicaWrapperCPU, method))
+    monkeypatch.setattr(lora_fix, "_applied", False)
+    monkeypatch.setattr(lora_fix, "_uses_torch_ops", lambda: True)  # whatever platform runs the tests
+    monkeypatch.delenv(lora_fix.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(lora_fix.DISABLE_PLAN_ENV, raising=False)
+    lora_fix.apply()
+    yield module

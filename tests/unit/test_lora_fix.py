@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -405,21 +404,6 @@ def test_probe_on_the_installed_vllm(name: str) -> None:
 
 
 # --- apply() in this process ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def punica_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """vLLM's CPU punica module with apply() run; every op binding is restored afterwards."""
-    pytest.importorskip("vllm")
-    module = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
-    for name, mod in list(sys.modules.items()):
-        for op in lora_fix.CORRECTED:
-            if name.startswith("vllm") and mod is not None and op in vars(mod):
-                monkeypatch.setattr(mod, op, vars(mod)[op])  # records the binding for teardown
-    monkeypatch.setattr(lora_fix, "_applied", False)
-    monkeypatch.setattr(lora_fix, "_uses_torch_ops", lambda: True)  # whatever platform runs the tests
-    lora_fix.apply()
-    yield module
 
 
 def test_apply_corrects_the_ops_vllm_calls(punica_cpu: ModuleType) -> None:

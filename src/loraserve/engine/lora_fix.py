@@ -9,7 +9,9 @@ sits in slot ``max_loras - 1``. Alone it is right, because the prefill path skip
 (API process, EngineCore, workers). It probes each op on tiny tensors and replaces only those that really read a
 slot for -1, with versions that gather a valid slot and zero the rows without an adapter (as the GPU kernels do by
 skipping them). On a vLLM that is already fixed, or a platform whose LoRA path does not use these ops, it does
-nothing. ``LORASERVE_DISABLE_LORA_FIX=1`` switches it off.
+nothing. Then, on CPU, it gives ``PunicaWrapperCPU`` loraserve's planned ``add_lora_linear``
+(:mod:`loraserve.engine.lora_linear`) once that has matched the wrapper on a mixed batch.
+``LORASERVE_DISABLE_LORA_FIX=1`` switches all of it off; ``LORASERVE_DISABLE_LORA_PLAN=1`` only the planned layers.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from loraserve.engine import lora_linear
 from loraserve.logs import in_main_process
 
 logger = logging.getLogger("loraserve.lora_fix")
 
-DISABLE_ENV = "LORASERVE_DISABLE_LORA_FIX"
+DISABLE_ENV = "LORASERVE_DISABLE_LORA_FIX"  # every change below off: vLLM's ops and wrapper as they ship
+DISABLE_PLAN_ENV = "LORASERVE_DISABLE_LORA_PLAN"  # only the planned linear layers off (lora_linear.py)
 OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
@@ -443,25 +447,49 @@ def _apply() -> list[str]:
     if unchecked:
         logger.warning("vLLM's CPU LoRA ops changed; could not check %s for the -1 defect", ", ".join(unchecked))
     defective = [name for name, verdict in verdicts.items() if verdict == "defective"]
-    if not defective:
-        logger.debug("vLLM's CPU LoRA ops handle rows without an adapter; no correction needed")
-        return []
     if os.environ.get(DISABLE_ENV) == "1":
-        logger.warning(
-            "vLLM's CPU LoRA ops (%s) give base-model requests batched with adapter requests the last adapter's "
-            "weights; the correction is switched off by %s=1",
-            ", ".join(defective),
-            DISABLE_ENV,
-        )
+        if defective:
+            logger.warning(
+                "vLLM's CPU LoRA ops (%s) give base-model requests batched with adapter requests the last adapter's "
+                "weights; the correction is switched off by %s=1",
+                ", ".join(defective),
+                DISABLE_ENV,
+            )
         return []
-    for name in defective:
-        logger.debug("Replacing %s in %s", name, ", ".join(_replace(originals[name], CORRECTED[name], name)))
-    # Once per server, not once per vLLM process: the others only say it at debug.
-    log = logger.info if in_main_process() else logger.debug
-    log(
-        "vLLM's CPU LoRA ops compute base-model rows batched with adapter rows through the last adapter "
-        "(vLLM #48421); loraserve's correction is active for %s (pid %d)",
-        ", ".join(defective),
-        os.getpid(),
-    )
+    if defective:
+        for name in defective:
+            logger.debug("Replacing %s in %s", name, ", ".join(_replace(originals[name], CORRECTED[name], name)))
+        # Once per server, not once per vLLM process: the others only say it at debug.
+        log = logger.info if in_main_process() else logger.debug
+        log(
+            "vLLM's CPU LoRA ops compute base-model rows batched with adapter rows through the last adapter "
+            "(vLLM #48421); loraserve's correction is active for %s (pid %d)",
+            ", ".join(defective),
+            os.getpid(),
+        )
+    else:
+        logger.debug("vLLM's CPU LoRA ops handle rows without an adapter; no correction needed")
+    _plan_linear_layers()  # after the correction: its self-check compares against the corrected wrapper
     return defective
+
+
+def _wrapper_class() -> Any:
+    module_name, _, class_name = CPU_WRAPPER.rpartition(".")
+    wrapper_class: Any = getattr(importlib.import_module(module_name), class_name)
+    return wrapper_class
+
+
+def _plan_linear_layers() -> bool:
+    """Install :mod:`loraserve.engine.lora_linear` on vLLM's CPU wrapper if it computes what the wrapper does."""
+    if os.environ.get(DISABLE_PLAN_ENV) == "1":
+        logger.debug("loraserve's planned LoRA linear layers are switched off by %s=1", DISABLE_PLAN_ENV)
+        return False
+    wrapper_class = _wrapper_class()
+    if lora_linear.installed(wrapper_class):
+        return False
+    if not lora_linear.check(wrapper_class):
+        logger.warning("vLLM's CPU LoRA wrapper changed; its linear layers keep vLLM's slower per-slice LoRA path")
+        return False
+    lora_linear.install(wrapper_class)
+    logger.debug("LoRA linear layers run loraserve's planned products (pid %d)", os.getpid())
+    return True

@@ -1,0 +1,257 @@
+"""loraserve's planned ``add_lora_linear``: every slice of a layer at once, each row through its own slot only.
+
+Checked against a plain per-row reference (``y[row] += scale * B[slot] @ A[slot] @ x[row]`` per slice, nothing for
+-1) and against vLLM's ``PunicaWrapperCPU`` itself with loraserve's corrected ops, through the wrapper's real
+``update_metadata``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from loraserve.engine import lora_fix, lora_linear
+
+SLOTS, HIDDEN, RANK = 4, 12, 4
+SLICES = (10, 6, 6)  # q, k, v
+PATTERNS = {
+    "one-slot": [2, 2, 2, 2],
+    "runs": [0, 0, 0, -1, -1, 1, 1, 1],
+    "interleaved": [0, 1, -1, 2, 0, 1, 3, -1, 2, 0],
+    "all-base": [-1, -1, -1],
+    "one-row": [1],
+    "zero-slot-only": [3, 3, -1],
+}
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(slices: tuple[int, ...], seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Stacked (slots, 1, rows, cols) A and B per slice: slot 1 uses rank 2 of 4, slot 3 is zero (a module the
+    slot's adapter leaves alone)."""
+    lora_a = tuple(_randn(SLOTS, 1, RANK, HIDDEN, seed=seed + i) for i in range(len(slices)))
+    lora_b = tuple(_randn(SLOTS, 1, size, RANK, seed=seed + 10 + i) for i, size in enumerate(slices))
+    for a, b in zip(lora_a, lora_b, strict=True):
+        a[1, 0, 2:] = 0
+        b[1, 0, :, 2:] = 0
+        a[3] = 0
+        b[3] = 0
+    return lora_a, lora_b
+
+
+def reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    scale: float,
+    slices: tuple[int, ...],
+    indices: list[int],
+) -> torch.Tensor:
+    out = y.double().clone()
+    for row, slot in enumerate(indices):
+        if slot < 0:
+            continue
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, slices, strict=True):
+            out[row, offset : offset + size] += scale * (b[slot, 0].double() @ (a[slot, 0].double() @ x[row].double()))
+            offset += size
+    return out
+
+
+def _plan(indices: list[int]) -> lora_linear.StepPlan:
+    return lora_linear.StepPlan(indices)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("slices", [SLICES, (9,)], ids=["qkv", "one-slice"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_planned_equals_the_per_row_reference(pattern: str, slices: tuple[int, ...], scale: float) -> None:
+    indices = PATTERNS[pattern]
+    lora_a, lora_b = _weights(slices, seed=1)
+    x = _randn(len(indices), HIDDEN, seed=2)
+    y = _randn(len(indices), sum(slices), seed=3)
+    expected = reference(y, x, lora_a, lora_b, scale, slices, indices)
+    assert lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, scale, slices)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_rows_without_an_adapter_are_never_touched(pattern: str) -> None:
+    indices = PATTERNS[pattern]
+    lora_a, lora_b = _weights(SLICES, seed=4)
+    x = _randn(len(indices), HIDDEN, seed=5)
+    y0 = _randn(len(indices), sum(SLICES), seed=6)
+    y = y0.clone()
+    lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, 1.0, SLICES)
+    for row, slot in enumerate(indices):
+        if slot < 0 or slot == 3:  # no adapter, or an adapter that leaves this layer alone
+            assert torch.equal(y[row], y0[row]), row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["runs", "interleaved"])
+def test_half_precision_is_computed_in_float32_and_rounded_once(dtype: torch.dtype, pattern: str) -> None:
+    indices = PATTERNS[pattern]
+    lora_a, lora_b = (tuple(t.to(dtype) for t in ts) for ts in _weights(SLICES, seed=7))
+    x = _randn(len(indices), HIDDEN, seed=8).to(dtype)
+    y = _randn(len(indices), sum(SLICES), seed=9).to(dtype)
+    expected = reference(y, x, lora_a, lora_b, 1.0, SLICES, indices).to(dtype)
+    assert lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, 1.0, SLICES)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)  # the float32 sum, rounded once: exactly the same
+
+
+def test_long_runs_expand_slice_by_slice() -> None:
+    indices = [0] * 40 + [1] * 40  # longer than _LONG_RUN: per-slice products instead of one block-diagonal
+    lora_a, lora_b = _weights(SLICES, seed=10)
+    x = _randn(len(indices), HIDDEN, seed=11)
+    y = _randn(len(indices), sum(SLICES), seed=12)
+    expected = reference(y, x, lora_a, lora_b, 1.0, SLICES, indices)
+    assert lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, 1.0, SLICES)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_write_into_a_slot_is_seen_at_the_next_call() -> None:
+    indices = [0, 1, 0, 1, 3, 2]
+    lora_a, lora_b = _weights(SLICES, seed=13)
+    x = _randn(len(indices), HIDDEN, seed=14)
+    plan = _plan(indices)
+    lora_linear.add_lora_linear(plan, torch.zeros(len(indices), sum(SLICES)), x, lora_a, lora_b, 1.0, SLICES)
+    # vLLM loads a new adapter into slots 0 and 3 (copy_ into the stacked tensors) and resets slot 1 to zero.
+    for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+        a[0, 0].copy_(_randn(RANK, HIDDEN, seed=20 + i))
+        b[3, 0].copy_(_randn(SLICES[i], RANK, seed=30 + i))
+        a[3, 0].copy_(_randn(RANK, HIDDEN, seed=40 + i))
+        a[1] = 0
+        b[1] = 0
+    y = torch.zeros(len(indices), sum(SLICES))
+    lora_linear.add_lora_linear(plan, y, x, lora_a, lora_b, 1.0, SLICES)
+    torch.testing.assert_close(
+        y.double(), reference(torch.zeros_like(y), x, lora_a, lora_b, 1.0, SLICES, indices), atol=1e-5, rtol=1e-5
+    )
+    assert torch.equal(y[[1, 3]], torch.zeros(2, sum(SLICES)))
+
+
+def test_weights_made_in_inference_mode_are_recomputed_every_call() -> None:
+    indices = [0, 1]
+    with torch.inference_mode():
+        lora_a, lora_b = _weights(SLICES, seed=15)
+    x = _randn(2, HIDDEN, seed=16)
+    plan = _plan(indices)
+    lora_linear.add_lora_linear(plan, torch.zeros(2, sum(SLICES)), x, lora_a, lora_b, 1.0, SLICES)
+    with torch.inference_mode():
+        lora_a[0][0].fill_(1.0)
+    y = torch.zeros(2, sum(SLICES))
+    lora_linear.add_lora_linear(plan, y, x, lora_a, lora_b, 1.0, SLICES)
+    torch.testing.assert_close(
+        y.double(), reference(torch.zeros_like(y), x, lora_a, lora_b, 1.0, SLICES, indices), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_a_call_that_does_not_fit_the_plan_is_left_to_vllm() -> None:
+    lora_a, lora_b = _weights(SLICES, seed=17)
+    y = torch.zeros(3, sum(SLICES))
+    assert not lora_linear.add_lora_linear(None, y, torch.ones(3, HIDDEN), lora_a, lora_b, 1.0, SLICES)
+    assert not lora_linear.add_lora_linear(_plan([0, 1]), y, torch.ones(3, HIDDEN), lora_a, lora_b, 1.0, SLICES)
+    assert not lora_linear.add_lora_linear(
+        _plan([0, 1, 2]), y[:, :5], torch.ones(3, HIDDEN), lora_a, lora_b, 1.0, SLICES
+    )
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+# --- through vLLM's PunicaWrapperCPU --------------------------------------------------------------------------------
+
+
+SLOT_IDS = [11, 12, 13, 14]
+
+
+def _wrapper(punica_cpu: ModuleType, token_ids: list[int]) -> Any:
+    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    mapping = SimpleNamespace(index_mapping=tuple(token_ids), prompt_mapping=tuple(token_ids), is_prefill=True)
+    wrapper.update_metadata(mapping, SLOT_IDS, len(SLOT_IDS) + 1, 32)
+    return wrapper
+
+
+def test_apply_installs_the_planned_layers_once(punica_cpu: ModuleType) -> None:
+    wrapper_class = punica_cpu.PunicaWrapperCPU
+    assert lora_linear.installed(wrapper_class)
+    method = wrapper_class.add_lora_linear
+    lora_fix._applied = False
+    lora_fix.apply()
+    assert wrapper_class.add_lora_linear is method  # not wrapped twice
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_installed_wrapper_equals_vllms_wrapper_with_corrected_ops(punica_cpu: ModuleType, pattern: str) -> None:
+    indices = PATTERNS[pattern]
+    token_ids = [SLOT_IDS[slot] if slot >= 0 else 0 for slot in indices]
+    wrapper = _wrapper(punica_cpu, token_ids)
+    assert isinstance(wrapper.__dict__.get(lora_linear._PLAN), lora_linear.StepPlan)
+    lora_a, lora_b = _weights(SLICES, seed=18)
+    x = _randn(len(indices), HIDDEN, seed=19)
+    y0 = _randn(len(indices), sum(SLICES), seed=20)
+    planned, original = y0.clone(), y0.clone()
+    wrapper.add_lora_linear(planned, x, lora_a, lora_b, 0.5, SLICES)
+    wrapper.add_lora_linear.__wrapped__(wrapper, original, x, lora_a, lora_b, 0.5, SLICES)
+    torch.testing.assert_close(planned, original, atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_step_is_planned_anew(punica_cpu: ModuleType) -> None:
+    wrapper = _wrapper(punica_cpu, [11, 11, 0])
+    first = wrapper.__dict__[lora_linear._PLAN]
+    mapping = SimpleNamespace(index_mapping=(0, 12, 12, 12), prompt_mapping=(0, 12, 12, 12), is_prefill=True)
+    wrapper.update_metadata(mapping, SLOT_IDS, len(SLOT_IDS) + 1, 32)
+    second = wrapper.__dict__[lora_linear._PLAN]
+    assert second is not first
+    assert (second.tokens, second.runs) == (4, [(1, 4, 1)])
+
+
+def test_the_self_check_fails_against_vllms_defective_ops(
+    punica_cpu: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's shipped ops give rows without an adapter the last slot's LoRA: the planned path must not match them.
+    spec = importlib.util.find_spec(lora_fix.OPS_MODULE)
+    assert spec is not None and spec.loader is not None
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)
+    if lora_fix.probe("sgmv_shrink", shipped.sgmv_shrink) != "defective":
+        pytest.skip("the installed vLLM's ops are already correct")
+    for op in lora_fix.CORRECTED:
+        monkeypatch.setattr(punica_cpu, op, getattr(shipped, op))
+    wrapper_class = type("Unpatched", (punica_cpu.PunicaWrapperCPU,), {})
+    wrapper_class.update_metadata = punica_cpu.PunicaWrapperCPU.update_metadata.__wrapped__  # type: ignore[method-assign]
+    wrapper_class.add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__wrapped__  # type: ignore[method-assign]
+    assert not lora_linear.check(wrapper_class)
+
+
+def test_the_self_check_passes_the_corrected_wrapper(punica_cpu: ModuleType) -> None:
+    wrapper_class = type("Unpatched", (punica_cpu.PunicaWrapperCPU,), {})
+    wrapper_class.update_metadata = punica_cpu.PunicaWrapperCPU.update_metadata.__wrapped__  # type: ignore[method-assign]
+    wrapper_class.add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__wrapped__  # type: ignore[method-assign]
+    assert lora_linear.check(wrapper_class)
+
+
+def test_the_planned_layers_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm")
+    wrapper_class = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu").PunicaWrapperCPU
+    monkeypatch.setattr(
+        wrapper_class,
+        "add_lora_linear",
+        getattr(wrapper_class.add_lora_linear, "__wrapped__", wrapper_class.add_lora_linear),
+    )
+    monkeypatch.setattr(
+        wrapper_class,
+        "update_metadata",
+        getattr(wrapper_class.update_metadata, "__wrapped__", wrapper_class.update_metadata),
+    )
+    monkeypatch.setenv(lora_fix.DISABLE_PLAN_ENV, "1")
+    assert not lora_fix._plan_linear_layers()
+    assert not lora_linear.installed(wrapper_class)
