@@ -79,7 +79,11 @@ def main() -> None:
     profile = QUICK if args.quick else FULL
     if args.repetitions:
         profile = replace(profile, repetitions=args.repetitions)
-    flags = EngineFlags(gpu_memory_utilization=args.gpu_memory_utilization, max_cpu_loras=profile.cache_slots)
+    flags = EngineFlags(
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_loras=profile.lora_slots,
+        max_cpu_loras=profile.cache_slots,
+    )
     began = time.monotonic()
     commit = _results.git_commit()  # the code that ran, even if the tree changes before the end
     model_dir = embedded_model_dir(Path.home() / ".cache" / "loraserve")
