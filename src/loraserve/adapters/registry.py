@@ -129,6 +129,7 @@ class AdapterRegistry:
         self._resolves: SingleFlight[Snapshot] = SingleFlight()
         self._loads: SingleFlight[LoadedAdapter] = SingleFlight()
         self._ids = itertools.count(1)  # never reused, so an id always means the same weights
+        self._removals: set[asyncio.Task[None]] = set()  # engine removals of evicted adapters, not awaited
         self.last_resolve_seconds: dict[str, float] = {}  # entry key -> the last round trip to its source
 
     async def acquire(self, model: str, source: SourceKind, request_token: str | None) -> AdapterLease:
@@ -388,7 +389,13 @@ class AdapterRegistry:
         self._verified.pop(entry.key, None)
         self.last_resolve_seconds.pop(entry.key, None)
         if loaded is not None:
-            await self._remove_from_engine(loaded)
+            # Not awaited: the engine answers between two steps, so waiting held the cache (and the download
+            # that needed the room) for a step or more. Nothing needs it done first: the entry is in no request
+            # (only unused entries are evicted), gone from _loaded so no new request gets its id, and the
+            # engine keeps the weights in memory, so the files can go at once.
+            removal = asyncio.get_running_loop().create_task(self._remove_from_engine(loaded))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
 
     async def _remove_from_engine(self, loaded: LoadedAdapter) -> None:
         self._store.events.removed_from_engine()

@@ -213,6 +213,42 @@ def test_sources_carry_the_timeout_into_their_clients() -> None:
     assert HubSource(timeout_s=3.0).timeout_s == 3.0
 
 
+class _SlowRemoveEngine(FakeEngine):
+    """remove_lora answers only when the test lets it: vLLM's engine answers between two steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish = asyncio.Event()
+
+    async def remove_lora(self, int_id: int) -> None:
+        await self.finish.wait()
+        await super().remove_lora(int_id)
+
+
+async def test_an_eviction_does_not_wait_for_the_engine_to_drop_the_adapter(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    engine = _SlowRemoveEngine()
+    size = sum(p.stat().st_size for p in write_adapter(tmp_path / "probe").iterdir())
+    registry = _registry(tmp_path, model_dir, engine, budget=int(size * 1.5))
+    _publish(hub, tmp_path, "acme/a")
+    _publish(hub, tmp_path, "acme/b")
+    a = await registry.acquire("acme/a", "hub", None)
+    a.release()
+    # b evicts a: b is served while the engine still holds a's LoRA, and a's files are gone already.
+    b = await asyncio.wait_for(registry.acquire("acme/b", "hub", None), 30)
+    assert not a.loaded.entry.path.exists()
+    assert sorted(engine.loras) == sorted([a.loaded.target.int_id, b.loaded.target.int_id])
+    assert [e.ref.name for e in registry.entries()] == ["acme/b"]
+    engine.finish.set()
+    for _ in range(100):  # the removal runs in the background
+        if list(engine.loras) == [b.loaded.target.int_id]:
+            break
+        await asyncio.sleep(0.01)
+    assert list(engine.loras) == [b.loaded.target.int_id]
+    b.release()
+
+
 class _SlowLoadEngine(FakeEngine):
     """add_lora waits until the test lets it finish, and checks the files are still there (as vLLM reads them)."""
 
