@@ -197,6 +197,8 @@ def punica_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
                 monkeypatch.setattr(mod, op, vars(mod)[op])  # records the binding for teardown
     for method in ("update_metadata", "add_lora_linear"):  # apply() also plans the wrapper's linear layers
         monkeypatch.setattr(module.PunicaWrapperCPU, method, getattr(module.PunicaWrapperCPU, method))
+    manager = importlib.import_module(lora_fix.MODEL_MANAGER).LoRAModelManager  # ... and follows slot writes
+    monkeypatch.setattr(manager, "activate_adapter", manager.activate_adapter)
     monkeypatch.setattr(lora_fix, "_applied", False)
     monkeypatch.setattr(lora_fix, "_uses_torch_ops", lambda: True)  # whatever platform runs the tests
     monkeypatch.delenv(lora_fix.DISABLE_ENV, raising=False)

@@ -140,6 +140,79 @@ def test_a_write_into_a_slot_is_seen_at_the_next_call() -> None:
     assert torch.equal(y[[1, 3]], torch.zeros(2, sum(SLICES)))
 
 
+class _Manager:
+    """vLLM's LoRAModelManager as far as the slot tracking sees it: activate_adapter writes one slot per layer."""
+
+    def __init__(self, layers: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> None:
+        self.modules = {
+            f"layer{i}": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b) for i, (a, b) in enumerate(layers)
+        }
+        self.modules["embedding"] = SimpleNamespace(lora_a_stacked=torch.zeros(SLOTS, 1, 2, 2))  # not a linear layer
+        self.lora_index_to_id: list[int | None] = [None] * SLOTS
+        self.weights: dict[int, int] = {}
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        if lora_id in self.lora_index_to_id:
+            return False
+        slot = self.lora_index_to_id.index(None)
+        self.lora_index_to_id[slot] = lora_id
+        for i, module in enumerate(m for m in self.modules.values() if isinstance(m.lora_a_stacked, tuple)):
+            for j, (a, b) in enumerate(zip(module.lora_a_stacked, module.lora_b_stacked, strict=True)):
+                a[slot] = 0
+                b[slot] = 0
+                a[slot, 0].copy_(_randn(RANK, HIDDEN, seed=100 * lora_id + 10 * i + j))
+                b[slot, 0].copy_(_randn(b.shape[2], RANK, seed=100 * lora_id + 10 * i + j + 5))
+        return True
+
+    def deactivate(self, lora_id: int) -> None:
+        self.lora_index_to_id[self.lora_index_to_id.index(lora_id)] = None
+
+
+def test_a_slot_write_seen_by_the_manager_keeps_the_other_slots() -> None:
+    layers = [_weights(SLICES, seed=seed) for seed in (21, 22)]
+    manager_class = type("Manager", (_Manager,), {})
+    lora_linear.track_slot_writes(manager_class)
+    manager = manager_class(layers)
+    for lora_id in (1, 2, 3):
+        assert manager.activate_adapter(lora_id)
+    indices = [0, 1, 2, 0, -1, 1]
+    x = _randn(len(indices), HIDDEN, seed=23)
+    plan = _plan(indices)
+    for lora_a, lora_b in layers:
+        lora_linear.add_lora_linear(plan, torch.zeros(len(indices), sum(SLICES)), x, lora_a, lora_b, 1.0, SLICES)
+    kept = [dict(lora_a[0].__dict__[lora_linear._FUSED]["slots"]) for lora_a, _ in layers]
+    manager.deactivate(2)  # slot 1 is free again; adapter 4 goes there
+    assert manager.activate_adapter(4)
+    for (lora_a, lora_b), before in zip(layers, kept, strict=True):
+        y = torch.zeros(len(indices), sum(SLICES))
+        lora_linear.add_lora_linear(plan, y, x, lora_a, lora_b, 1.0, SLICES)
+        torch.testing.assert_close(
+            y.double(), reference(torch.zeros_like(y), x, lora_a, lora_b, 1.0, SLICES, indices), atol=1e-5, rtol=1e-5
+        )
+        slots = lora_a[0].__dict__[lora_linear._FUSED]["slots"]
+        assert slots[0] is before[0] and slots[2] is before[2]  # not rebuilt
+        assert slots[1] is not before[1]  # rebuilt from adapter 4's weights
+
+
+def test_a_write_the_manager_did_not_announce_forgets_every_slot() -> None:
+    lora_a, lora_b = _weights(SLICES, seed=24)
+    manager_class = type("Manager", (_Manager,), {})
+    lora_linear.track_slot_writes(manager_class)
+    manager = manager_class([(lora_a, lora_b)])
+    assert manager.activate_adapter(1) and manager.activate_adapter(2)
+    indices = [0, 1]
+    x = _randn(2, HIDDEN, seed=25)
+    lora_linear.add_lora_linear(_plan(indices), torch.zeros(2, sum(SLICES)), x, lora_a, lora_b, 1.0, SLICES)
+    lora_b[0][1, 0].mul_(2)  # some other code writes slot 1 ...
+    manager.deactivate(1)
+    assert manager.activate_adapter(3)  # ... before the manager writes slot 0
+    y = torch.zeros(2, sum(SLICES))
+    lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, 1.0, SLICES)
+    torch.testing.assert_close(
+        y.double(), reference(torch.zeros_like(y), x, lora_a, lora_b, 1.0, SLICES, indices), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_weights_made_in_inference_mode_are_recomputed_every_call() -> None:
     indices = [0, 1]
     with torch.inference_mode():
@@ -187,6 +260,9 @@ def test_apply_installs_the_planned_layers_once(punica_cpu: ModuleType) -> None:
     lora_fix._applied = False
     lora_fix.apply()
     assert wrapper_class.add_lora_linear is method  # not wrapped twice
+    manager = importlib.import_module(lora_fix.MODEL_MANAGER).LoRAModelManager
+    assert hasattr(manager.activate_adapter, "__wrapped__")
+    assert not hasattr(manager.activate_adapter.__wrapped__, "__wrapped__")
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))

@@ -34,6 +34,7 @@ DISABLE_ENV = "LORASERVE_DISABLE_LORA_FIX"  # every change below off: vLLM's ops
 DISABLE_PLAN_ENV = "LORASERVE_DISABLE_LORA_PLAN"  # only the planned linear layers off (lora_linear.py)
 OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+MODEL_MANAGER = "vllm.lora.model_manager"
 
 Verdict = Literal["defective", "fine", "unknown"]
 
@@ -491,5 +492,9 @@ def _plan_linear_layers() -> bool:
         logger.warning("vLLM's CPU LoRA wrapper changed; its linear layers keep vLLM's slower per-slice LoRA path")
         return False
     lora_linear.install(wrapper_class)
+    try:
+        lora_linear.track_slot_writes(importlib.import_module(MODEL_MANAGER).LoRAModelManager)
+    except Exception:  # without it every slot write rebuilds every slot: slower, still right
+        logger.debug("Could not follow vLLM's LoRA slot writes", exc_info=True)
     logger.debug("LoRA linear layers run loraserve's planned products (pid %d)", os.getpid())
     return True
