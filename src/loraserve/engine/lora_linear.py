@@ -10,8 +10,9 @@ of a decode step. This replacement, installed by :func:`loraserve.engine.lora_fi
   plans the step then: rows without an adapter are skipped, rows that share a slot are computed together;
 - keeps per layer, per slot, the slices' A matrices stacked (one shrink product for q, k and v) and their B
   matrices as one block-diagonal matrix (one expand product straight into the output), trimmed to the rank the
-  adapter really has (vLLM pads every slot to ``--max-lora-rank``) and cast to the compute dtype once. They are
-  rebuilt when vLLM writes a slot: every in-place write bumps the stacked tensors' version counters;
+  adapter really has (vLLM pads every slot to ``--max-lora-rank``) and cast to the compute dtype once. Every
+  in-place write bumps the stacked tensors' version counters, and a layer whose tensors moved on rebuilds every
+  slot, unless the write was vLLM moving one adapter into one slot (``activate_adapter``): then only that slot;
 - skips a layer outright when none of the step's slots touches it (a q/k/v/o adapter leaves gate/up/down zero).
 
 Results equal vLLM's (with loraserve's corrected ops) up to float rounding: each row reads only its own slot,
