@@ -201,7 +201,5 @@ def punica_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     monkeypatch.setattr(manager, "activate_adapter", manager.activate_adapter)
     monkeypatch.setattr(lora_fix, "_applied", False)
     monkeypatch.setattr(lora_fix, "_uses_torch_ops", lambda: True)  # whatever platform runs the tests
-    monkeypatch.delenv(lora_fix.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(lora_fix.DISABLE_PLAN_ENV, raising=False)
     lora_fix.apply()
     yield module

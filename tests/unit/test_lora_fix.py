@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+from functools import partial
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -403,6 +404,17 @@ def test_probe_on_the_installed_vllm(name: str) -> None:
     assert verdict == "defective"
 
 
+@pytest.fixture(autouse=True)
+def _restore_vllm_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply() may patch vLLM's CPU LoRA wrapper and model manager: every test here leaves them as it found them."""
+    if importlib.util.find_spec("vllm") is None:
+        return
+    wrapper = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu").PunicaWrapperCPU
+    manager = importlib.import_module(lora_fix.MODEL_MANAGER).LoRAModelManager
+    for cls, method in ((wrapper, "update_metadata"), (wrapper, "add_lora_linear"), (manager, "activate_adapter")):
+        monkeypatch.setattr(cls, method, getattr(cls, method))
+
+
 # --- apply() in this process ---------------------------------------------------------------------------------------
 
 
@@ -498,12 +510,14 @@ def test_wrapper_linear_lora_per_row(punica_cpu: ModuleType, prefill: bool) -> N
     x = _randn(len(token_ids), HIDDEN, seed=20)
     a, b = _weights(RANK, HIDDEN, seed=21), _weights(OUT, RANK, seed=22)
     y0 = _randn(len(token_ids), OUT, seed=23)
-    y = y0.clone()
-    wrapper.add_lora_linear(y, x, (a,), (b,), 0.5, (OUT,))
     slots = _slots(token_ids)
     expected = y0 + 0.5 * reference(reference(x, a, slots), b, slots)
-    torch.testing.assert_close(y, expected)
-    assert torch.equal(y[[0, 1, 5]], y0[[0, 1, 5]])  # base rows: exactly the base layer's output
+    # Both what the engine runs (loraserve's planned layer) and vLLM's own wrapper over the corrected ops.
+    for add_lora_linear in (wrapper.add_lora_linear, partial(type(wrapper).add_lora_linear.__wrapped__, wrapper)):
+        y = y0.clone()
+        add_lora_linear(y, x, (a,), (b,), 0.5, (OUT,))
+        torch.testing.assert_close(y, expected)
+        assert torch.equal(y[[0, 1, 5]], y0[[0, 1, 5]])  # base rows: exactly the base layer's output
 
 
 @pytest.mark.parametrize(

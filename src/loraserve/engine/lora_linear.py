@@ -171,9 +171,13 @@ def track_slot_writes(manager_class: Any) -> None:
         return
 
     def activate_adapter(self: Any, lora_id: int) -> bool:
+        if lora_id in getattr(self, "_active_adapters", ()):
+            # vLLM calls this for every adapter of every step; an active one is not written: skip the scan.
+            result: bool = original(self, lora_id)
+            return result
         layers = [stacked for module in self.modules.values() if (stacked := _stacked(module)) is not None]
         before = [_versions(lora_a, lora_b) for lora_a, lora_b in layers]
-        result: bool = original(self, lora_id)
+        result = original(self, lora_id)
         if result and lora_id in self.lora_index_to_id:
             slot = self.lora_index_to_id.index(lora_id)
             for (lora_a, lora_b), versions in zip(layers, before, strict=True):
@@ -234,7 +238,7 @@ def add_lora_linear(
                 h.mul_(scale)
             if y.dtype == dtype:
                 _add(y[start:stop], h, matrices)
-            else:  # float32 sum rounded once, as vLLM's float32 buffer path rounds
+            else:  # the float32 sum rounded once (vLLM's ops round the product and then the sum)
                 rows = y[start:stop].to(dtype)
                 _add(rows, h, matrices)
                 y[start:stop] = rows
