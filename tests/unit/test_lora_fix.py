@@ -512,8 +512,9 @@ def test_wrapper_linear_lora_per_row(punica_cpu: ModuleType, prefill: bool) -> N
     y0 = _randn(len(token_ids), OUT, seed=23)
     slots = _slots(token_ids)
     expected = y0 + 0.5 * reference(reference(x, a, slots), b, slots)
-    # Both what the engine runs (loraserve's planned layer) and vLLM's own wrapper over the corrected ops.
-    for add_lora_linear in (wrapper.add_lora_linear, partial(type(wrapper).add_lora_linear.__wrapped__, wrapper)):
+    # What the engine runs (loraserve's planned layer, unless switched off) and vLLM's own wrapper over the ops.
+    vllms = getattr(type(wrapper).add_lora_linear, "__wrapped__", None)
+    for add_lora_linear in (wrapper.add_lora_linear, *([partial(vllms, wrapper)] if vllms else [])):
         y = y0.clone()
         add_lora_linear(y, x, (a,), (b,), 0.5, (OUT,))
         torch.testing.assert_close(y, expected)
