@@ -147,11 +147,6 @@ def _remember(weights: torch.Tensor, key: tuple[Any, ...], compute: Callable[[],
     return value
 
 
-def _slot(weights: torch.Tensor, slot: int) -> torch.Tensor:
-    # (slots, 1, out, in) as vLLM stacks them, or (slots, out, in).
-    return weights[slot, 0] if weights.dim() == 4 else weights[slot]
-
-
 def _zero(weights: torch.Tensor, slot: int) -> bool:
     """Whether the slot holds only zeros (a module the slot's adapter leaves alone)."""
     return _remember(weights, ("zero", slot), lambda: not bool(weights[slot].any()))
@@ -159,7 +154,7 @@ def _zero(weights: torch.Tensor, slot: int) -> bool:
 
 def _transposed(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
     """The slot's (in, out) matrix in ``dtype``; a cast (bf16 weights to float32) is made once per write."""
-    matrix = _slot(weights, slot)
+    matrix = lora_linear.slot_matrix(weights, slot)
     if matrix.dtype == dtype:
         return matrix.t()
     return _remember(weights, ("cast", slot, dtype), lambda: matrix.to(dtype=dtype).t())
@@ -178,9 +173,8 @@ def _lora(
     A row without an adapter is left alone when adding and zeroed when writing. ``target`` may be a column slice of
     the output; its width must be the weights' output width.
     """
-    # bf16/fp16 outputs: multiply in float32 and round once into the output. vLLM rounds the product to the output's
-    # dtype and then the sum; here only the sum. Without AVX-512 a bf16 matrix product is also 2-4x slower.
-    dtype = torch.float32 if target.dtype in (torch.bfloat16, torch.float16) else target.dtype
+    # vLLM rounds the product to the output's dtype and then the sum; here only the sum.
+    dtype = lora_linear.compute_dtype(target.dtype)
     if plan.runs is not None:
         x: torch.Tensor | None = None
         for rows, slot in plan.runs:
