@@ -47,6 +47,7 @@ def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile
         "engine": flags.kwargs(),
         "adapters": {repo: str(adapters.path(repo)) for repo in adapters.mixed},
         "requests": [asdict(r) for r in mixed_requests(profile, adapters)],
+        "rounds": profile.mixed_rounds,
     }
     work = Path(tempfile.mkdtemp(prefix="bench-offline."))
     (work / "spec.json").write_text(json.dumps(spec))

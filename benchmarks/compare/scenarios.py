@@ -13,7 +13,7 @@ from typing import Any
 from tests.support.fake_hub import FakeHub
 
 from .servers import Running, disk_bytes
-from .workload import BASE, Client, Request, median, on_models, summarize, zipf_requests
+from .workload import BASE, BatchFigures, Client, Request, median, on_models, summarize, zipf_requests
 from .world import Adapters, downloads
 
 MIXED_SEED = 1
@@ -28,8 +28,10 @@ class Profile:
     repetitions: int  # pairs of server arms (each pair also runs the offline engine once)
     mixed_requests: int  # scenario 1 (and 3): all sent at once
     mixed_tokens: int
-    cost_requests: int  # scenario 2: all sent at once, twice (all base, all adapters)
+    mixed_rounds: int  # scenario 1 (and the offline engine): the batch runs this many times; figures are the median
+    cost_requests: int  # scenario 2: all sent at once, all on the base and then all through adapters
     cost_tokens: int
+    cost_rounds: int  # scenario 2: base and adapters alternate this many times; the ratio is the rounds' median
     cold_adapters: int  # scenario 4: adapters timed cold, each from the Hub and then from disk
     flight_clients: int  # scenario 5
     churn_adapters: int  # scenario 6: adapters through a cache of ``cache_slots``
@@ -43,11 +45,13 @@ class Profile:
 
 
 FULL = Profile(
-    "full", repetitions=2, mixed_requests=32, mixed_tokens=32, cost_requests=32, cost_tokens=16,
+    "full", repetitions=2, mixed_requests=32, mixed_tokens=32, mixed_rounds=3,
+    cost_requests=32, cost_tokens=16, cost_rounds=3,
     cold_adapters=3, flight_clients=16, churn_adapters=64, churn_tokens=4,
 )  # fmt: skip
 QUICK = Profile(
-    "quick", repetitions=1, mixed_requests=16, mixed_tokens=8, cost_requests=16, cost_tokens=8,
+    "quick", repetitions=1, mixed_requests=16, mixed_tokens=8, mixed_rounds=1,
+    cost_requests=16, cost_tokens=8, cost_rounds=1,
     cold_adapters=1, flight_clients=16, churn_adapters=16, churn_tokens=2,
     offline_bindings=("default_binding",),  # the other costs an engine start, and lost every run so far
 )  # fmt: skip
@@ -75,9 +79,16 @@ async def _warm(client: Client, models: list[str]) -> None:
 
 
 async def mixed(client: Client, adapters: Adapters, profile: Profile) -> dict[str, Any]:
-    """1. Saturation: every request at once over the base and 8 adapters; throughput and latency."""
+    """1. Saturation: every request at once over the base and 8 adapters; throughput and latency.
+
+    The batch runs ``mixed_rounds`` times and the figures are the median round's (the offline engine does the
+    same): one batch of a few seconds is as noisy as the differences measured. Prompts are shorter than a KV
+    block (128 tokens on CPU), so prefix caching never lets a later round skip work.
+    """
     await _warm(client, [BASE, *adapters.mixed])
-    return summarize(await client.all_at_once(mixed_requests(profile, adapters))).as_dict()
+    work = mixed_requests(profile, adapters)
+    rounds = [summarize(await client.all_at_once(work)) for _ in range(profile.mixed_rounds)]
+    return {**median_round(rounds).as_dict(), "rounds_output_tok_s": [r.output_tok_s for r in rounds]}
 
 
 async def lora_cost(client: Client, adapters: Adapters, profile: Profile) -> dict[str, Any]:
@@ -86,19 +97,41 @@ async def lora_cost(client: Client, adapters: Adapters, profile: Profile) -> dic
     "adapters" are as many as the engine has LoRA slots, so the batch is the base's: the difference is the LoRA
     computation. With more adapters than slots the scheduler runs only the requests of ``--max-loras`` adapters at
     a time and the batch shrinks; that is measured too ("over_slots"), but it is a setting, not the LoRA's cost.
+
+    One batch is about 2 s here, and one base/adapters pair of batches swung from 0.71 to 1.17 on unchanged code:
+    so the two alternate ``cost_rounds`` times, in turn base first and adapters first, and the ratio is the median
+    of the rounds' own ratios (each arm's figures are its median round).
     """
     work = zipf_requests([BASE], profile.cost_requests, profile.cost_tokens, COST_SEED)
-    base = summarize(await client.all_at_once(on_models(work, [BASE])))
-    lora = summarize(await client.all_at_once(on_models(work, adapters.mixed[: profile.lora_slots])))
+    models = {"base": [BASE], "adapters": adapters.mixed[: profile.lora_slots]}
+    rounds: list[dict[str, BatchFigures]] = []
+    for order in alternating(("base", "adapters"), profile.cost_rounds):
+        rounds.append({arm: summarize(await client.all_at_once(on_models(work, models[arm]))) for arm in order})
     over = summarize(await client.all_at_once(on_models(work, adapters.mixed)))
+    base = median_round([r["base"] for r in rounds])
+    ratios = [r["adapters"].output_tok_s / r["base"].output_tok_s for r in rounds]
+    ttft_ratios = _present([_ratio(r["adapters"].ttft_p50_s, r["base"].ttft_p50_s) for r in rounds])
     return {
         "base": base.as_dict(),
-        "adapters": lora.as_dict(),
-        "adapters_over_base_tok_s": lora.output_tok_s / base.output_tok_s,
-        "adapters_over_base_ttft_p50": _ratio(lora.ttft_p50_s, base.ttft_p50_s),
+        "adapters": median_round([r["adapters"] for r in rounds]).as_dict(),
+        "adapters_over_base_tok_s": median(ratios),
+        "adapters_over_base_ttft_p50": median(ttft_ratios),
+        "rounds_adapters_over_base_tok_s": ratios,
         "over_slots": over.as_dict(),
         "over_slots_over_base_tok_s": over.output_tok_s / base.output_tok_s,
     }
+
+
+def alternating(arms: tuple[str, str], rounds: int) -> list[tuple[str, str]]:
+    """Each round runs both arms, the first round in the given order and every other round reversed, so neither
+    arm always runs first (after the previous scenario) or last."""
+    return [arms if index % 2 == 0 else (arms[1], arms[0]) for index in range(rounds)]
+
+
+def median_round(figures: list[BatchFigures]) -> BatchFigures:
+    """The round with the median output tok/s (the lower middle one for an even count): real figures, not a blend."""
+    ordered = sorted(figures, key=lambda f: f.output_tok_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 async def cold_start(client: Client, hub: FakeHub, adapters: Adapters, profile: Profile) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class Services:
     metrics: ServerMetrics
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI would run a plain function in a worker thread, a thread hop on every request.
     services: Services = request.app.state.services
     return services

@@ -20,8 +20,18 @@ from benchmarks.compare.report import (
     rows,
     schedule,
 )
+from benchmarks.compare.scenarios import alternating, median_round
 from benchmarks.compare.servers import disk_bytes
-from benchmarks.compare.workload import BASE, Timed, on_models, percentile, summarize, zipf_requests, zipf_weights
+from benchmarks.compare.workload import (
+    BASE,
+    BatchFigures,
+    Timed,
+    on_models,
+    percentile,
+    summarize,
+    zipf_requests,
+    zipf_weights,
+)
 
 
 def test_zipf_weights_fall_as_one_over_rank() -> None:
@@ -69,6 +79,20 @@ def test_summarize_counts_tokens_over_the_batch_wall_time_and_skips_failures() -
     assert figures.ttft_p50_s == 1.5
     assert figures.itl_p50_s == pytest.approx((1.0 + 0.5) / 2)
     assert figures.statuses == {"200": 2, "500": 1}
+
+
+def test_alternating_rounds_swap_which_arm_runs_first() -> None:
+    assert alternating(("base", "adapters"), 3) == [("base", "adapters"), ("adapters", "base"), ("base", "adapters")]
+    assert alternating(("base", "adapters"), 1) == [("base", "adapters")]
+
+
+def test_the_median_round_is_a_real_round_and_the_lower_middle_for_an_even_count() -> None:
+    def batch(tok_s: float) -> BatchFigures:
+        return summarize([Timed("a", 200, sent=0.0, first=0.5, done=1.0, tokens=int(tok_s))])
+
+    rounds = [batch(30), batch(10), batch(20)]
+    assert median_round(rounds) is rounds[2]
+    assert median_round(rounds[:2]) is rounds[1]
 
 
 def _run(arm: str, rep: int, **figures: object) -> dict[str, object]:
