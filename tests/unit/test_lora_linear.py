@@ -22,7 +22,8 @@ SLICES = (10, 6, 6)  # q, k, v
 PATTERNS = {
     "one-slot": [2, 2, 2, 2],
     "runs": [0, 0, 0, -1, -1, 1, 1, 1],
-    "interleaved": [0, 1, -1, 2, 0, 1, 3, -1, 2, 0],
+    "interleaved": [0, 1, -1, 2, 0, 1, 3, -1, 2, 0],  # few rows: every row times every slot, masked
+    "interleaved-long": [0, 1, -1, 2, 0, 1, 3, -1, 2, 0] * 50,  # too many rows for that: gathered per slot
     "all-base": [-1, -1, -1],
     "one-row": [1],
     "zero-slot-only": [3, 3, -1],
@@ -110,6 +111,34 @@ def test_half_precision_is_computed_in_float32(dtype: torch.dtype, pattern: str)
     # another order and flip a tie); products rounded to the half dtype first would be several units off.
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y, expected, atol=eps, rtol=eps)
+
+
+def test_the_masked_path_is_taken_only_while_it_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[int] = []
+    original = lora_linear._add_masked
+    monkeypatch.setattr(
+        lora_linear, "_add_masked", lambda plan, *args: taken.append(plan.tokens) or original(plan, *args)
+    )
+    lora_a, lora_b = _weights(SLICES, seed=30)
+    for pattern in ("interleaved", "interleaved-long", "runs"):
+        indices = PATTERNS[pattern]
+        y = torch.zeros(len(indices), sum(SLICES))
+        lora_linear.add_lora_linear(
+            _plan(indices), y, _randn(len(indices), HIDDEN, seed=31), lora_a, lora_b, 1.0, SLICES
+        )
+    assert taken == [len(PATTERNS["interleaved"])]
+
+
+def test_a_row_without_an_adapter_stays_untouched_when_its_input_overflows_the_adapters() -> None:
+    indices = PATTERNS["interleaved"]
+    lora_a, lora_b = _weights(SLICES, seed=32)
+    x = _randn(len(indices), HIDDEN, seed=33)
+    x[2] = float("inf")  # a base row: inf times the other rows' adapters, then masked, must not become NaN
+    y0 = _randn(len(indices), sum(SLICES), seed=34)
+    y = y0.clone()
+    assert lora_linear.add_lora_linear(_plan(indices), y, x, lora_a, lora_b, 1.0, SLICES)
+    assert torch.equal(y[2], y0[2])
+    assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
 
 
 def test_long_runs_expand_slice_by_slice() -> None:
@@ -256,7 +285,7 @@ SLOT_IDS = [11, 12, 13, 14]
 
 
 def _wrapper(punica_cpu: ModuleType, token_ids: list[int]) -> Any:
-    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
     mapping = SimpleNamespace(index_mapping=tuple(token_ids), prompt_mapping=tuple(token_ids), is_prefill=True)
     wrapper.update_metadata(mapping, SLOT_IDS, len(SLOT_IDS) + 1, 32)
     return wrapper
