@@ -164,7 +164,11 @@ def _wait_group_gone(pgid: int, timeout_s: float = 30) -> None:
 
 
 def disk_bytes(folder: Path) -> int:
-    """Bytes of the regular files under ``folder``; symlinks (the HF cache's snapshots) are not followed."""
+    """Bytes of the regular files under ``folder``, each file (inode) once; symlinks (the HF cache's snapshots)
+    are not followed. Once per inode because the walk races the server: a folder renamed from the cache's tmp/
+    into entries/ (or evicted the other way) while the walk runs is met on both sides, and summing both read
+    two adapters over the budget that were never on disk twice."""
+    seen: set[tuple[int, int]] = set()
     total = 0
     for root, _dirs, files in os.walk(folder):
         for name in files:
@@ -172,6 +176,7 @@ def disk_bytes(folder: Path) -> int:
                 stat = os.lstat(os.path.join(root, name))
             except OSError:  # removed while we looked
                 continue
-            if not os.path.islink(os.path.join(root, name)):
+            if not os.path.islink(os.path.join(root, name)) and (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
                 total += stat.st_size
     return total

@@ -165,5 +165,6 @@ def test_disk_bytes_counts_regular_files_once_and_not_the_hf_caches_symlinks(tmp
     snapshot.mkdir(parents=True)
     (snapshot / "adapter_model.safetensors").symlink_to(blob)
     (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "moved-mid-walk").hardlink_to(blob)  # the same file met twice, as a rename during the walk does
     assert disk_bytes(tmp_path) == 102
     assert disk_bytes(tmp_path / "missing") == 0
