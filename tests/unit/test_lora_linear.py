@@ -113,6 +113,18 @@ def test_half_precision_is_computed_in_float32(dtype: torch.dtype, pattern: str)
     torch.testing.assert_close(y, expected, atol=eps, rtol=eps)
 
 
+def test_the_used_rank_is_the_last_rank_row_both_matrices_carry() -> None:
+    a, b = torch.zeros(RANK, HIDDEN), torch.zeros(6, RANK)
+    assert lora_linear._used_rank(a, b) == 0  # a module the adapter leaves alone
+    a[0, 3] = 1.0
+    b[2, 0] = 1.0
+    assert lora_linear._used_rank(a, b) == 1
+    a[2, 0] = 1.0  # rank row 2 in A only: B has no column for it, so it adds nothing
+    assert lora_linear._used_rank(a, b) == 1
+    b[0, 2] = -1.0  # rows 0 and 2 carry it, row 1 is a zero inside the rank: kept, the slice is leading rows
+    assert lora_linear._used_rank(a, b) == 3
+
+
 def test_the_masked_path_is_taken_only_while_it_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     taken: list[int] = []
     original = lora_linear._add_masked

