@@ -48,11 +48,12 @@ _DENSE_SETS = 1
 class StepPlan:
     """Which rows of this step's batch go through which LoRA slot (-1: none)."""
 
-    __slots__ = ("_masks", "grouped", "indices", "runs", "slots", "tokens")
+    __slots__ = ("_indices", "_masks", "_rows", "grouped", "runs", "slots", "tokens")
 
     def __init__(self, indices: Sequence[int]) -> None:
         self.tokens = len(indices)
-        self.indices = indices
+        self._indices = indices
+        self._rows: torch.Tensor | None = None  # the indices as a tensor, made once for every mask of the step
         self._masks: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}
         runs: list[tuple[int, int, int]] = []  # (start, stop, slot) over consecutive rows with one slot
         for row, slot in enumerate(indices):
@@ -79,7 +80,9 @@ class StepPlan:
         for columns laid out slot after slot as ``widths`` ((slot, width), ...) says; one per layout and step."""
         mask = self._masks.get(widths)
         if mask is None:
-            rows = torch.tensor(self.indices, dtype=torch.long)
+            if self._rows is None:
+                self._rows = torch.tensor(self._indices, dtype=torch.long)
+            rows = self._rows
             columns = torch.repeat_interleave(
                 torch.tensor([slot for slot, _ in widths], dtype=torch.long),
                 torch.tensor([width for _, width in widths], dtype=torch.long),
