@@ -37,6 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _process_group as process_group  # noqa: E402
 from benchmarks import _results  # noqa: E402
 from benchmarks.compare.workload import zipf_weights  # noqa: E402
 from tests.support.adapters import make_lora_adapter  # noqa: E402
@@ -83,22 +84,6 @@ def make_adapters(folder: Path, model_dir: Path) -> int:
     for seed, name in enumerate(ADAPTERS, start=1):
         make_lora_adapter(model_dir, folder / name, seed=seed)
     return sum(p.stat().st_size for p in (folder / ADAPTERS[0]).iterdir())
-
-
-def _process_group_rss_mb(pgid: int) -> float:
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return total / 1024
 
 
 def _open_files(pid: int) -> int:
@@ -204,10 +189,10 @@ def main() -> None:
     try:
         wait_healthy(url, process, 600, log)
         report = SoakReport(duration_s=args.duration, clients=args.clients, cache_budget_bytes=budget)
-        report.rss_start_mb, report.fds_start = _process_group_rss_mb(process.pid), _open_files(process.pid)
+        report.rss_start_mb, report.fds_start = process_group.rss_mb(process.pid), _open_files(process.pid)
         asyncio.run(drive(url, cache, report, args.max_tokens))
         time.sleep(2)  # let aborted requests settle before the end figures
-        report.rss_end_mb, report.fds_end = _process_group_rss_mb(process.pid), _open_files(process.pid)
+        report.rss_end_mb, report.fds_end = process_group.rss_mb(process.pid), _open_files(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)

@@ -22,6 +22,7 @@ from loraserve.demo import embedded_model_dir
 
 from . import report
 from .offline import CONFIGS as OFFLINE_CONFIGS
+from .offline import PAIRED_BINDING, OfflineRounds
 from .scenarios import FULL, QUICK, Profile, mixed_requests, run_all
 from .servers import EngineFlags, Kind, serve
 from .world import Adapters, publish
@@ -35,13 +36,17 @@ def run_server(
     kind: Kind, model_dir: Path, flags: EngineFlags, hub: FakeHub, adapters: Adapters, profile: Profile,
     budget: int, log: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    with serve(kind, model_dir, flags, hub.url, adapters.all(), budget, log) as running:
-        logger.info("%s healthy after %.1f s", kind, running.startup_s)
-        return asyncio.run(run_all(running, hub, adapters, profile))
+    # Started first, so its start does not share the CPU with the server's (scenario 0 times that); then idle
+    # except for its scenario-1 rounds, which alternate with the server's (scenario 3 pairs them).
+    spec = _offline_spec(model_dir, flags, adapters, profile)
+    env = {**os.environ, **OFFLINE_CONFIGS[PAIRED_BINDING], "PYTHONPATH": _python_path()}
+    with OfflineRounds(spec, env, log.with_suffix(".paired-offline.log")) as offline:
+        with serve(kind, model_dir, flags, hub.url, adapters.all(), budget, log) as running:
+            logger.info("%s healthy after %.1f s", kind, running.startup_s)
+            return asyncio.run(run_all(running, hub, adapters, profile, offline))
 
 
-def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile, log: Path) -> dict[str, Any]:
-    """The offline engine in each core binding, one process each; its best ``output_tok_s`` is the limit."""
+def _offline_spec(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile) -> Path:
     spec = {
         "model_dir": str(model_dir),
         "engine": flags.kwargs(),
@@ -49,17 +54,26 @@ def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile
         "requests": [asdict(r) for r in mixed_requests(profile, adapters)],
         "rounds": profile.mixed_rounds,
     }
-    work = Path(tempfile.mkdtemp(prefix="bench-offline."))
-    (work / "spec.json").write_text(json.dumps(spec))
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    path = Path(tempfile.mkdtemp(prefix="bench-offline.")) / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _python_path() -> str:
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile, log: Path) -> dict[str, Any]:
+    """The offline engine in each core binding, one process each; its best ``output_tok_s`` is the limit."""
+    spec = _offline_spec(model_dir, flags, adapters, profile)
     configs: dict[str, Any] = {}
     for name in profile.offline_bindings:
         binding = OFFLINE_CONFIGS[name]
-        out = work / f"{name}.json"
+        out = spec.parent / f"{name}.json"
         with log.with_suffix(f".{name}.log").open("wb") as sink:
             subprocess.run(
-                [sys.executable, "-m", "benchmarks.compare.offline", str(work / "spec.json"), str(out)],
-                stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **binding, "PYTHONPATH": path},
+                [sys.executable, "-m", "benchmarks.compare.offline", str(spec), str(out)],
+                stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **binding, "PYTHONPATH": _python_path()},
                 cwd=ROOT, check=True, timeout=OFFLINE_TIMEOUT_S, start_new_session=True,
             )  # fmt: skip
         configs[name] = json.loads(out.read_text())

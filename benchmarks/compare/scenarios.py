@@ -1,4 +1,5 @@
-"""The six scenarios, as run against one server (1, 2, 4, 5, 6) or derived across arms (3).
+"""The six scenarios, as run against one server (1, 2, 4, 5, 6; 3 from scenario 1's rounds paired with the offline
+engine's kept beside the server).
 
 One server per arm runs every scenario in this order, so one engine start serves them all: the order matters
 (scenario 6 fills the cache with churn adapters, so it comes last and re-warms what it compares against).
@@ -10,8 +11,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks._process_group import cpu_s as group_cpu_s
 from tests.support.fake_hub import FakeHub
 
+from .offline import OfflineRounds
 from .servers import Running, disk_bytes
 from .workload import BASE, BatchFigures, Client, Request, median, on_models, summarize, zipf_requests
 from .world import Adapters, downloads
@@ -62,10 +65,12 @@ def mixed_requests(profile: Profile, adapters: Adapters) -> list[Request]:
     return zipf_requests([BASE, *adapters.mixed], profile.mixed_requests, profile.mixed_tokens, MIXED_SEED)
 
 
-async def run_all(running: Running, hub: FakeHub, adapters: Adapters, profile: Profile) -> dict[str, Any]:
+async def run_all(
+    running: Running, hub: FakeHub, adapters: Adapters, profile: Profile, offline: OfflineRounds | None = None
+) -> dict[str, Any]:
     async with Client(running.url, running.base_name) as client:
         figures: dict[str, Any] = {"startup_s": running.startup_s}
-        figures["mixed"] = await mixed(client, adapters, profile)
+        figures["mixed"] = await mixed(client, adapters, profile, _Pairing(running, offline) if offline else None)
         figures["lora_cost"] = await lora_cost(client, adapters, profile)
         figures["cold_start"] = await cold_start(client, hub, adapters, profile)
         figures["single_flight"] = await single_flight(client, hub, adapters, profile)
@@ -78,17 +83,73 @@ async def _warm(client: Client, models: list[str]) -> None:
     await client.all_at_once([Request(model, "Hello", 1) for model in models])
 
 
-async def mixed(client: Client, adapters: Adapters, profile: Profile) -> dict[str, Any]:
+@dataclass
+class _Pairing:
+    """The offline engine kept beside the server, for rounds that alternate with the server's."""
+
+    running: Running
+    offline: OfflineRounds
+    # CPU seconds each used while the other ran a round: both near 0 shows the idle one did not compete.
+    offline_cpu_in_server_rounds_s: float = 0.0
+    server_cpu_in_offline_rounds_s: float = 0.0
+
+    async def round(self) -> float:
+        """One offline batch, once the server's engine has gone quiet; its output tok/s."""
+        await asyncio.sleep(QUIET_S)
+        before = group_cpu_s(self.running.pgid)
+        answer = await asyncio.to_thread(self.offline.round)
+        self.server_cpu_in_offline_rounds_s += group_cpu_s(self.running.pgid) - before
+        await asyncio.sleep(QUIET_S)
+        return float(answer["output_tok_s"])
+
+    async def server_round(self, client: Client, work: list[Request]) -> BatchFigures:
+        before = group_cpu_s(self.offline.process.pid)
+        figures = summarize(await client.all_at_once(work))
+        self.offline_cpu_in_server_rounds_s += group_cpu_s(self.offline.process.pid) - before
+        return figures
+
+
+# vLLM's engine loops spin for about a second after their last work before they sleep: the other side waits this.
+QUIET_S = 1.5
+
+
+async def mixed(
+    client: Client, adapters: Adapters, profile: Profile, pairing: _Pairing | None = None
+) -> dict[str, Any]:
     """1. Saturation: every request at once over the base and 8 adapters; throughput and latency.
 
     The batch runs ``mixed_rounds`` times and the figures are the median round's (the offline engine does the
     same): one batch of a few seconds is as noisy as the differences measured. Prompts are shorter than a KV
     block (128 tokens on CPU), so prefix caching never lets a later round skip work.
+
+    With ``pairing``, each round is followed by the same batch on the offline engine kept beside the server,
+    and scenario 3 divides each server round by the offline round next to it: the median of those ratios.
     """
     await _warm(client, [BASE, *adapters.mixed])
     work = mixed_requests(profile, adapters)
-    rounds = [summarize(await client.all_at_once(work)) for _ in range(profile.mixed_rounds)]
-    return {**median_round(rounds).as_dict(), "rounds_output_tok_s": [r.output_tok_s for r in rounds]}
+    if pairing is None:
+        rounds = [summarize(await client.all_at_once(work)) for _ in range(profile.mixed_rounds)]
+        return {**median_round(rounds).as_dict(), "rounds_output_tok_s": [r.output_tok_s for r in rounds]}
+    rounds, offline_rounds = [], []
+    for order in alternating(("server", "offline"), profile.mixed_rounds):  # server first, then offline first…
+        for side in order:
+            if side == "server":
+                rounds.append(await pairing.server_round(client, work))
+            else:
+                offline_rounds.append(await pairing.round())
+    ratios = [r.output_tok_s / o for r, o in zip(rounds, offline_rounds, strict=True) if o]
+    return {
+        **median_round(rounds).as_dict(),
+        "rounds_output_tok_s": [r.output_tok_s for r in rounds],
+        "paired_offline": {
+            "rounds_output_tok_s": offline_rounds,
+            "output_tok_s": median(offline_rounds),
+            "over_offline_tok_s": median(ratios),
+            "rounds_over_offline_tok_s": ratios,
+            "offline_cpu_in_server_rounds_s": pairing.offline_cpu_in_server_rounds_s,
+            "server_cpu_in_offline_rounds_s": pairing.server_cpu_in_offline_rounds_s,
+        },
+    }
 
 
 async def lora_cost(client: Client, adapters: Adapters, profile: Profile) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tests.support.server import free_port, wait_healthy
 
@@ -70,6 +70,7 @@ class Running:
     adapter_disk: Path  # the folder its downloaded adapters land in
     startup_s: float  # from the process start until /health answered 200
     log: Path
+    pgid: int  # its process group: the server and its engine processes
 
 
 def command(kind: Kind, port: int, model_dir: Path, flags: EngineFlags, work: Path, cache_budget: int) -> list[str]:
@@ -130,13 +131,13 @@ def serve(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, STARTUP_TIMEOUT_S, log)
-        yield Running(kind, url, str(model_dir), adapter_disk(kind, work), time.monotonic() - started, log)
+        yield Running(kind, url, str(model_dir), adapter_disk(kind, work), time.monotonic() - started, log, process.pid)
     finally:
         stop(process)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[Any]) -> None:
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
