@@ -158,6 +158,8 @@ class FakeHub:
         self.request_log: list[tuple[str, str]] = []  # (method, raw path) of every request, even while down
         self.down = False
         self.file_delay = 0.0
+        self.bodies_in_flight = 0  # file bodies being streamed now
+        self.most_bodies_in_flight = 0  # ... at most, since start: shows whether a client fetched files at once
         self._repos: dict[str, Repo] = {}
         self._lock = threading.Lock()  # repos are mutated from the test thread and read from the server's loop
         self._sequence = 0
@@ -435,13 +437,17 @@ class FakeHub:
 
         return StreamingResponse(self._stream(data, self.file_delay, done), status_code=status, headers=headers)
 
-    @staticmethod
-    async def _stream(data: bytes, delay: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
+    async def _stream(self, data: bytes, delay: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
         size = -(-len(data) // _SLOW_CHUNKS) if delay > 0 else _CHUNK
         pieces = [data[i : i + size] for i in range(0, len(data), max(size, 1))] or [b""]
-        for piece in pieces:
-            if delay > 0:
-                await asyncio.sleep(delay / len(pieces))
-            if piece:
-                yield piece
-        done()
+        self.bodies_in_flight += 1  # the server's one event loop runs every stream: no lock needed
+        self.most_bodies_in_flight = max(self.most_bodies_in_flight, self.bodies_in_flight)
+        try:
+            for piece in pieces:
+                if delay > 0:
+                    await asyncio.sleep(delay / len(pieces))
+                if piece:
+                    yield piece
+            done()
+        finally:
+            self.bodies_in_flight -= 1

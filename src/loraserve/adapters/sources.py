@@ -13,6 +13,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,16 +123,22 @@ class HubSource:
     def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
         from huggingface_hub import hf_hub_download
 
-        for file in snapshot.files:
+        def download(name: str) -> None:
             with _hub_errors(snapshot.ref):
                 hf_hub_download(
                     snapshot.ref.name,
-                    file.name,
+                    name,
                     revision=snapshot.version,
                     token=token,
                     local_dir=str(dest),
                     etag_timeout=self.timeout_s,
                 )
+
+        # All files at once: each is two Hub round trips (metadata, then content), and a first request waits
+        # for all of them. The first error (in file order) is raised once every download has ended.
+        with ThreadPoolExecutor(max_workers=max(1, len(snapshot.files)), thread_name_prefix="hub-fetch") as pool:
+            for done in [pool.submit(download, file.name) for file in snapshot.files]:
+                done.result()
         # huggingface_hub keeps bookkeeping beside local_dir downloads; the entry needs none of it.
         shutil.rmtree(dest / ".cache", ignore_errors=True)
 

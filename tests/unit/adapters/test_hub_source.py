@@ -1,0 +1,55 @@
+"""HubSource with the real huggingface_hub client against the Hub-protocol test server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from loraserve.adapters.ref import AdapterRef
+from loraserve.adapters.sources import HubSource, RemoteFile
+from loraserve.errors import ModelNotFound
+from tests.support.fake_hub import FakeHub, patch_default_endpoint
+from tests.unit.adapters.helpers import write_adapter
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub() as running:
+        patch_default_endpoint(monkeypatch, running.url)
+        yield running
+
+
+def _publish(hub: FakeHub, tmp_path: Path) -> Path:
+    folder = write_adapter(tmp_path / "src", chat_template="{{ messages }}")
+    hub.add_repo("org/adapter", folder)
+    return folder
+
+
+def test_fetch_downloads_every_file_at_once(hub: FakeHub, tmp_path: Path) -> None:
+    source = _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    assert len(snapshot.files) >= 3  # config, weights, the chat template
+    hub.file_delay = 0.5  # each body takes half a second: one after the other would never overlap
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    HubSource().fetch(snapshot, dest, None)
+    assert hub.most_bodies_in_flight == len(snapshot.files)
+    for file in snapshot.files:
+        assert (dest / file.name).read_bytes() == (source / file.name).read_bytes()
+    assert not (dest / ".cache").exists()  # huggingface_hub's bookkeeping is not part of the entry
+
+
+def test_a_missing_file_fails_the_fetch_after_the_others_end(hub: FakeHub, tmp_path: Path) -> None:
+    _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    gone = replace(snapshot, files=(RemoteFile("aaa_not_there.json", 10), *snapshot.files))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ModelNotFound):
+        HubSource().fetch(gone, dest, None)
+    # The error came from the first file, yet every other download ran to its end before fetch returned.
+    assert all(hub.completed[("org/adapter", file.name)] == 1 for file in snapshot.files)
+    assert hub.bodies_in_flight == 0
