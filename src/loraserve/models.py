@@ -63,7 +63,8 @@ class ModelCatalog:
         """The model a request names, held for as long as the ``async with`` lasts.
 
         The one owner of an adapter's lease: it is taken here and released on exit, whatever
-        happens in between, so no path can leak it or release it twice.
+        happens in between, so no path can leak it or release it twice. An adapter loaded for this
+        request may still be on its way into the engine: the request follows it (``LoraTarget.loaded``).
         """
         if merged is not None and requested not in self._base.names():
             raise InvalidRequest(
@@ -77,13 +78,13 @@ class ModelCatalog:
             raise ModelNotFound(requested)
         named = self._named.get(requested) if self._named is not None else None
         if merged is not None:
-            lease = await self._adapters.acquire_merged(merged, source, token)
+            lease = await self._adapters.acquire_merged(merged, source, token, wait=False)
             requested = lease.loaded.entry.ref.display()  # merged:<key>: what responses and metrics name
         elif named is not None and self._named is not None:
             # A name given through /v1/load_lora_adapter wins: it means that very snapshot, whatever the source.
-            lease = await self._named.lease(named)
+            lease = await self._named.lease(named, wait=False)
         else:
-            lease = await self._adapters.acquire(requested, source, token)
+            lease = await self._adapters.acquire(requested, source, token, wait=False)
         try:
             loaded = lease.loaded
             # The engine knows the adapter by its LoRA id; the name on each request is the one the client

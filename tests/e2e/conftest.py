@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,12 @@ def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
     publish("acme/pickled", 5, pickle_only=True)
     publish("acme/rank-32", 6, r=32)
     publish("acme/single-flight", 9)  # only the single-flight test asks for it: it must be cold there
+    # Passes loraserve's checks, but vLLM refuses it when loading: its requests are already on their way then.
+    refused = make_lora_adapter(base, work / "acme__bias", seed=10)
+    config = json.loads((refused / "adapter_config.json").read_text())
+    (refused / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    hub.add_repo("acme/bias", refused)
+    made["acme/bias"] = refused
     local = make_lora_adapter(base, work / "local" / "team" / "local-a", seed=7)
     made["team/local-a"] = local
     made["s3://loras/team/s3-a"] = make_lora_adapter(base, work / "s3-a", seed=8)

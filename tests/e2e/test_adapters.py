@@ -93,6 +93,28 @@ def test_bad_adapters_are_400_with_the_reason(server: RunningServer) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_an_adapter_the_engine_refuses_is_400_for_each_request_and_the_engine_lives(server: RunningServer) -> None:
+    # Requests follow add_lora into vLLM before its answer: the refusal must still stop every one of them.
+    def ask(stream: bool) -> str:
+        client = server.client()
+        try:
+            if stream:
+                for _ in client.completions.create(model="acme/bias", prompt=PROMPT, max_tokens=2, stream=True):
+                    pass
+            else:
+                client.completions.create(model="acme/bias", prompt=PROMPT, max_tokens=2)
+        except openai.BadRequestError as exc:
+            return str(exc)
+        return "answered"
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, [False, True, False, True]))
+    assert all("could not load acme/bias" in a and "bias is not supported" in a for a in answers), answers
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert _greedy(server, "acme/voice") == _greedy(server, "acme/voice")  # adapters still load and answer
+    assert "not supported" in ask(False)  # asked again: refused again, never half-loaded
+
+
 def test_unknown_and_traversal_names_are_404(server: RunningServer) -> None:
     client = server.client()
     for name, source in (("acme/missing", "hub"), ("../x", "hub"), ("../../etc", "local"), ("/etc/passwd", "local")):

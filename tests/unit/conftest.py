@@ -49,6 +49,10 @@ class FakeEngine:
     device_type: str = "cpu"
     loras: dict[int, LoraTarget] = field(default_factory=dict)
     reject_loras: bool = False
+    # send_lora returns before add_lora's answer, as VllmEngine's does with EngineCore's guard, and requests
+    # then wait for the answer before their first delta; the answer takes ``lora_answer_delay`` seconds.
+    pipeline_loras: bool = False
+    lora_answer_delay: float = 0.0
     words: list[str] = field(default_factory=lambda: ["hello", " world"])
     fail_with: Exception | None = None
     fail_after: int | None = None
@@ -64,6 +68,8 @@ class FakeEngine:
     ) -> AsyncGenerator[CompletionDelta, None]:
         """Each of the n choices says the words in turn (choice i starts i words later)."""
         self.calls.append((request_id, prompt_token_ids, options, lora))
+        if lora is not None and lora.loaded is not None:
+            await asyncio.shield(lora.loaded)  # the refusal, if the engine refused the adapter
         if self.fail_with is not None and self.fail_after is None:
             raise self.fail_with
         self.running.add(request_id)
@@ -108,9 +114,19 @@ class FakeEngine:
             (self.finished if completed else self.aborted).append(request_id)
 
     async def add_lora(self, lora: LoraTarget) -> None:
+        if self.lora_answer_delay:
+            await asyncio.sleep(self.lora_answer_delay)
         if self.reject_loras:
             raise EngineRejected("unsupported adapter")
         self.loras[lora.int_id] = lora
+
+    async def send_lora(self, lora: LoraTarget) -> asyncio.Future[None]:
+        if not self.pipeline_loras:
+            await self.add_lora(lora)
+            answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            answer.set_result(None)
+            return answer
+        return asyncio.ensure_future(self.add_lora(lora))
 
     async def remove_lora(self, int_id: int) -> None:
         self.loras.pop(int_id, None)

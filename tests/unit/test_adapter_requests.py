@@ -58,6 +58,33 @@ def test_engine_refusal_is_400_and_the_server_stays_up(adapter_client: TestClien
     assert _chat(adapter_client, "plain")["status"] == 200
 
 
+def test_requests_that_follow_add_lora_before_its_answer(adapter_client: TestClient, engine: FakeEngine) -> None:
+    engine.pipeline_loras, engine.lora_answer_delay = True, 0.05
+    assert _chat(adapter_client, "plain")["status"] == 200
+    lora = engine.calls[-1][3]
+    assert lora is not None and lora.loaded is not None  # sent before the engine had answered add_lora
+    assert engine.loras[lora.int_id].path == lora.path
+    assert _chat(adapter_client, "plain")["status"] == 200
+    later = engine.calls[-1][3]
+    assert later == lora and later is not None and later.loaded is None  # loaded now: nothing to wait for
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_after_the_request_was_sent_is_still_a_400(
+    adapter_client: TestClient, engine: FakeEngine, stream: bool
+) -> None:
+    engine.pipeline_loras, engine.lora_answer_delay, engine.reject_loras = True, 0.05, True
+    body = {"model": "plain", "adapter_source": "local", "messages": USER, "max_tokens": 1, "stream": stream}
+    response = adapter_client.post(CHAT, json=body)
+    assert response.status_code == 400  # not a 200 whose stream then carries an error
+    error = response.json()["error"]
+    assert error["code"] == "invalid_adapter" and "could not load plain: unsupported adapter" in error["message"]
+    assert engine.calls and engine.running == set()
+    engine.reject_loras = False
+    assert _chat(adapter_client, "plain")["status"] == 200  # loaded afresh, under a new id
+    assert engine.calls[-1][3] is not None and engine.calls[-1][3].int_id != engine.calls[0][3].int_id
+
+
 def test_traversal_names_are_404_without_touching_disk(adapter_client: TestClient) -> None:
     for name in ("../adapters/plain", "/etc", "plain/../../x"):
         result = _chat(adapter_client, name)

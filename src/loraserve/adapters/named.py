@@ -49,8 +49,8 @@ class NamedAdapters:
     def all(self) -> list[NamedAdapter]:
         return list(self._named.values())
 
-    async def lease(self, named: NamedAdapter) -> AdapterLease:
-        return await self._registry.lease_entry(named.entry)
+    async def lease(self, named: NamedAdapter, wait: bool = True) -> AdapterLease:
+        return await self._registry.lease_entry(named.entry, wait)
 
     async def load(self, name: str, lora_path: str, inplace: bool = False) -> None:
         if not name or not lora_path:

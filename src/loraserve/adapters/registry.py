@@ -17,9 +17,9 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,21 @@ class LoadedAdapter:
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+
+def _refusal(entry: CacheEntry, exc: EngineRejected) -> str:
+    reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
+    return f"the engine could not load {entry.ref.display()}: {reason}"
+
+
+def _unavailable() -> EngineUnavailable:
+    return EngineUnavailable("The inference engine is not available; try again later.")
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark the answer's error as seen: requests that raise it may all have gone already."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _EngineRefused(InvalidAdapter):
@@ -129,10 +144,14 @@ class AdapterRegistry:
         self._resolves: SingleFlight[Snapshot] = SingleFlight()
         self._loads: SingleFlight[LoadedAdapter] = SingleFlight()
         self._ids = itertools.count(1)  # never reused, so an id always means the same weights
-        self._removals: set[asyncio.Task[None]] = set()  # engine removals of evicted adapters, not awaited
+        # Not awaited by their callers: engine removals of evicted adapters, evictions of refused ones.
+        self._background: set[asyncio.Task[None]] = set()
         self.last_resolve_seconds: dict[str, float] = {}  # entry key -> the last round trip to its source
 
-    async def acquire(self, model: str, source: SourceKind, request_token: str | None) -> AdapterLease:
+    async def acquire(
+        self, model: str, source: SourceKind, request_token: str | None, wait: bool = True
+    ) -> AdapterLease:
+        """The adapter ``model`` names, downloaded and loaded; ``wait=False``: see ``_lease``."""
         ref = parse_ref(model, source)
         if not self.allows(ref):
             raise ModelNotFound(model)  # as if it did not exist: no I/O, and nothing said about the list
@@ -145,7 +164,7 @@ class AdapterRegistry:
             if fallback is None:
                 raise
             logger.warning("source down: serving %s from the cache", fallback.root)
-            lease = await self._lease(fallback)
+            lease = await self._lease(fallback, wait)
             if lease is None:
                 raise
             return lease
@@ -157,12 +176,14 @@ class AdapterRegistry:
                 check=lambda folder: self._check(folder, snapshot.ref.display()),
             )
             self._verified.setdefault(entry.key, set()).add(fingerprint)
-            lease = await self._lease(entry)
+            lease = await self._lease(entry, wait)
             if lease is not None:
                 return lease
         raise SourceUnavailable(f"{ref.display()} was evicted while loading; try again.")
 
-    async def acquire_merged(self, spec: MergeSpec, source: SourceKind, request_token: str | None) -> AdapterLease:
+    async def acquire_merged(
+        self, spec: MergeSpec, source: SourceKind, request_token: str | None, wait: bool = True
+    ) -> AdapterLease:
         """One LoRA merged from ``spec.ids`` (each from ``source``), cached under a key of the spec and of its
         inputs' pinned versions, and served like any adapter (its name is ``merged:<16 hex digits of the key>``).
 
@@ -191,7 +212,7 @@ class AdapterRegistry:
                     entry = await self._merge_into_cache(spec, probe, snapshots, token, fingerprint)
             except _InputsNeeded:
                 continue
-            lease = await self._lease(entry)
+            lease = await self._lease(entry, wait)
             if lease is not None:
                 return lease
         raise SourceUnavailable(f"{merged.display()} was evicted while loading; try again.")
@@ -241,8 +262,12 @@ class AdapterRegistry:
         logger.info("preloaded and pinned adapter %s", entry.root)
         return entry
 
-    async def _lease(self, entry: CacheEntry) -> AdapterLease | None:
-        """Load ``entry`` and lease it, unless it was evicted meanwhile (the caller then retries)."""
+    async def _lease(self, entry: CacheEntry, wait: bool = True) -> AdapterLease | None:
+        """Load ``entry`` and lease it, unless it was evicted meanwhile (the caller then retries).
+
+        ``wait=False`` (a request about to generate): return once add_lora is on its way to the engine; the
+        request follows it and ``generate`` raises the refusal, if any (``LoraTarget.loaded``).
+        """
         # Other requests ran while this one waited for the download: the entry may be gone already.
         if self._store.get(entry.key) is not entry:
             return None
@@ -252,6 +277,9 @@ class AdapterRegistry:
             with self._store.lease(entry):
                 try:
                     loaded = await self._load(entry)
+                    answer = loaded.target.loaded
+                    if wait and answer is not None:
+                        await asyncio.shield(answer)
                 except _EntryVanished:
                     return None
                 if self._store.get(entry.key) is entry and loaded.entry is entry and not loaded.retired:
@@ -263,10 +291,10 @@ class AdapterRegistry:
             raise
         return None
 
-    async def lease_entry(self, entry: CacheEntry) -> AdapterLease:
+    async def lease_entry(self, entry: CacheEntry, wait: bool = True) -> AdapterLease:
         """A lease on this very entry (an adapter loaded by name through the admin API)."""
         for _ in range(3):
-            lease = await self._lease(entry)
+            lease = await self._lease(entry, wait)
             if lease is not None:
                 return lease
         raise SourceUnavailable(f"{entry.ref.display()} left the cache; load it again.")
@@ -339,23 +367,61 @@ class AdapterRegistry:
         try:
             chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
             started = time.monotonic()
-            await self._engine.add_lora(target)
+            answer = await self._engine.send_lora(target)
         except EngineRejected as exc:
             self._store.unmark_in_use(entry)
-            reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
-            raise _EngineRefused(f"the engine could not load {entry.ref.display()}: {reason}") from exc
+            raise _EngineRefused(_refusal(entry, exc)) from exc
         except EngineDead as exc:
             self._store.unmark_in_use(entry)
-            raise EngineUnavailable("The inference engine is not available; try again later.") from exc
+            raise _unavailable() from exc
         except BaseException:
             self._store.unmark_in_use(entry)  # not loaded after all
             raise
-        loaded = LoadedAdapter(entry, target, chat, time.monotonic() - started)
-        self._store.events.loaded_into_engine()
+        loaded = LoadedAdapter(entry, target, chat)
+        if answer.done():  # the engine answered already (it takes no request before it has)
+            answer.result()
+            self._loaded_into_engine(loaded, started)
+        else:
+            # Requests may follow add_lora before its answer: they carry it, and generate waits for it.
+            confirmed = asyncio.ensure_future(self._answered(loaded, answer, started))
+            confirmed.add_done_callback(_retrieve)
+            loaded.target = replace(target, loaded=confirmed)
         if self._store.get(entry.key) is entry:
             self._loaded[entry.key] = loaded
-        logger.info("loaded adapter %s as LoRA id %d", target.name, target.int_id)
         return loaded
+
+    async def _answered(self, loaded: LoadedAdapter, answer: asyncio.Future[None], started: float) -> None:
+        """The engine's answer to add_lora for ``loaded``, which requests may already follow."""
+        entry = loaded.entry
+        try:
+            await answer
+        except BaseException as exc:
+            if self._loaded.get(entry.key) is loaded:
+                del self._loaded[entry.key]  # the next request loads it afresh, under a new id
+            self._store.unmark_in_use(entry)
+            if isinstance(exc, EngineRejected):
+                # A snapshot the engine refuses would fail every time: drop it once its requests have ended.
+                self._in_background(self._evict_when_idle(loaded))
+                raise _EngineRefused(_refusal(entry, exc)) from exc
+            if isinstance(exc, EngineDead):
+                raise _unavailable() from exc
+            raise
+        loaded.target = replace(loaded.target, loaded=None)
+        self._loaded_into_engine(loaded, started)
+
+    def _loaded_into_engine(self, loaded: LoadedAdapter, started: float) -> None:
+        loaded.load_seconds = time.monotonic() - started
+        self._store.events.loaded_into_engine()
+        logger.info("loaded adapter %s as LoRA id %d", loaded.target.name, loaded.target.int_id)
+
+    async def _evict_when_idle(self, loaded: LoadedAdapter) -> None:
+        await loaded.idle.wait()
+        await self._store.evict(loaded.entry)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _chat_format(self, folder: Path) -> ChatFormat | None:
         """The adapter's own template if it ships one; None means "use the base's"."""
@@ -393,9 +459,7 @@ class AdapterRegistry:
             # that needed the room) for a step or more. Nothing needs it done first: the entry is in no request
             # (only unused entries are evicted), gone from _loaded so no new request gets its id, and the
             # engine keeps the weights in memory, so the files can go at once.
-            removal = asyncio.get_running_loop().create_task(self._remove_from_engine(loaded))
-            self._removals.add(removal)
-            removal.add_done_callback(self._removals.discard)
+            self._in_background(self._remove_from_engine(loaded))
 
     async def _remove_from_engine(self, loaded: LoadedAdapter) -> None:
         self._store.events.removed_from_engine()

@@ -6,6 +6,7 @@ implementation is :mod:`loraserve.engine.vllm_engine`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -62,6 +63,9 @@ class LoraTarget:
     name: str
     int_id: int
     path: str
+    # The engine's answer to add_lora, when requests are sent before it came (``Engine.send_lora``): ``generate``
+    # awaits it before its first delta and raises its error, if any. None: the adapter was loaded before.
+    loaded: asyncio.Future[None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -114,6 +118,14 @@ class Engine(Protocol):
 
     async def add_lora(self, lora: LoraTarget) -> None:
         """Load an adapter before its first request; raise ``EngineRejected`` with the reason if it can't."""
+        ...
+
+    async def send_lora(self, lora: LoraTarget) -> asyncio.Future[None]:
+        """Start ``add_lora`` and return its answer to come, once requests naming ``lora`` may follow it.
+
+        An engine that cannot take requests before the answer returns it resolved (or raises its error).
+        Requests sent meanwhile carry the answer as ``LoraTarget.loaded``.
+        """
         ...
 
     async def remove_lora(self, int_id: int) -> None: ...

@@ -23,6 +23,7 @@ from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationEr
 from vllm.inputs.engine import tokens_input
 from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -38,6 +39,7 @@ from loraserve.engine.base import (
     SamplingOptions,
     TokenLogprob,
 )
+from loraserve.engine.lora_guard import GUARD_UTILITY, GUARD_VERSION
 from loraserve.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,49 @@ def _lora_request(lora: LoraTarget) -> LoRARequest:
     return LoRARequest(lora_name=lora.name, lora_int_id=lora.int_id, lora_path=lora.path)
 
 
+def _resolved() -> asyncio.Future[None]:
+    answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    answer.set_result(None)
+    return answer
+
+
+def _loaded(lora: LoraTarget) -> bool:
+    """Whether the engine has said yes to the adapter's add_lora (or it was loaded before requests used it)."""
+    answer = lora.loaded
+    return answer is None or (answer.done() and not answer.cancelled() and answer.exception() is None)
+
+
+async def _once_loaded(
+    pending: asyncio.Future[None], stream: AsyncGenerator[RequestOutput, None]
+) -> AsyncGenerator[RequestOutput, None]:
+    """``stream``'s outputs, sent to the engine at once, right behind the adapter's add_lora; the first is passed
+    on only once ``pending`` (add_lora's answer) says yes. On a refusal the request is cancelled (EngineCore
+    never scheduled it: lora_guard) and the refusal raised, before anything reached the client."""
+    first = None if pending.done() else asyncio.ensure_future(anext(stream))  # sends the request now
+    try:
+        await asyncio.shield(pending)  # shared by every request of the adapter: one's cancellation is not theirs
+    except BaseException as exc:
+        if first is not None:
+            first.cancel()
+            await asyncio.wait([first])
+            if not first.cancelled():
+                first.exception()  # retrieved: the refusal is the error to report
+        if pending.cancelled():  # the load itself was cancelled (a stopping server), not this request
+            raise EngineDead("the adapter's load into the engine was cancelled") from exc
+        raise
+    if first is None:
+        async for output in stream:
+            yield output
+        return
+    try:
+        output = await first
+    except StopAsyncIteration:
+        return
+    yield output
+    async for output in stream:
+        yield output
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1][:500] if text else type(exc).__name__
@@ -191,6 +236,7 @@ class VllmEngine:
 
     def __init__(self, llm: AsyncLLM) -> None:
         self._llm = llm
+        self._lora_guarded: bool | None = None  # whether EngineCore runs lora_guard; asked on the first load
 
     @classmethod
     def start(cls, model_path: str, served_name: str, engine_args: dict[str, Any]) -> VllmEngine:
@@ -244,6 +290,29 @@ class VllmEngine:
         if ok is False:
             raise EngineRejected("the engine refused the adapter")
 
+    async def send_lora(self, lora: LoraTarget) -> asyncio.Future[None]:
+        if not await self._guarded():
+            await self.add_lora(lora)
+            return _resolved()
+        answer = asyncio.ensure_future(self.add_lora(lora))
+        # Its first step runs now, and nothing in it suspends before add_lora is on EngineCore's input socket
+        # (AsyncMPClient._call_utility_async sends, then awaits): any request sent after this queues behind it.
+        await asyncio.sleep(0)
+        return answer
+
+    async def _guarded(self) -> bool:
+        """Whether EngineCore leaves out requests whose LoRA it refused (engine/lora_guard.py)."""
+        if self._lora_guarded is None:
+            try:
+                version = await self._llm.engine_core.call_utility_async(GUARD_UTILITY)
+            except Exception:  # no such utility (the plugin did not load), an in-process engine, …
+                logger.debug("no %s in the engine", GUARD_UTILITY, exc_info=True)
+                version = None
+            self._lora_guarded = version == GUARD_VERSION
+            if not self._lora_guarded:
+                logger.info("The engine has no LoRA guard: first requests for an adapter wait for it to load")
+        return self._lora_guarded
+
     async def remove_lora(self, int_id: int) -> None:
         await self._llm.remove_lora(int_id)
 
@@ -260,12 +329,14 @@ class VllmEngine:
         except (VLLMValidationError, VLLMClientError, ValueError) as exc:
             raise EngineRejected(str(exc), getattr(exc, "parameter", None)) from exc
         stream = self._llm.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora_request)
+        pending = lora.loaded if lora is not None and not _loaded(lora) else None
+        outputs = stream if pending is None else _once_loaded(pending, stream)
         finished = False
         # vLLM sends each of the n samples on its own; every choice's first delta gets the prompt's logprobs.
         prompt_logprobs: list[TokenLogprob | None] | None = None
         owed_prompt_logprobs = set(range(options.n)) if options.prompt_logprobs is not None else set()
         try:
-            async for output in stream:
+            async for output in outputs:
                 finished = output.finished
                 if owed_prompt_logprobs and prompt_logprobs is None and output.prompt_logprobs:
                     prompt_logprobs = _prompt_logprobs(
@@ -303,6 +374,8 @@ class VllmEngine:
             # its adapter's lease is released, so the adapter's files can be evicted under it.
             if not finished:
                 with anyio.CancelScope(shield=True):
+                    if outputs is not stream:
+                        await outputs.aclose()
                     await stream.aclose()
                     await self._llm.abort(request_id)
 

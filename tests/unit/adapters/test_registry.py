@@ -329,6 +329,48 @@ async def test_an_adapter_the_engine_refuses_is_not_left_marked(hub: FakeHub, tm
     assert registry.entries() == []  # it would fail every time: dropped from the cache too
 
 
+async def test_a_request_may_follow_add_lora_before_its_answer(hub: FakeHub, tmp_path: Path, model_dir: Path) -> None:
+    engine = FakeEngine(pipeline_loras=True, lora_answer_delay=0.2)
+    registry = _registry(tmp_path, model_dir, engine)
+    _publish(hub, tmp_path, "acme/a")
+    lease = await registry.acquire("acme/a", "hub", None, wait=False)
+    answer = lease.loaded.target.loaded
+    assert answer is not None and not answer.done()  # add_lora is on its way, not answered
+    joined = await registry.acquire("acme/a", "hub", None, wait=False)
+    assert joined.loaded is lease.loaded  # a second request follows the same load
+    await answer
+    assert lease.loaded.target.loaded is None and lease.loaded.load_seconds >= 0.2
+    waited = await registry.acquire("acme/a", "hub", None)  # the default waits, and it is loaded now
+    assert waited.loaded is lease.loaded and lease.loaded.target.int_id in engine.loras
+    for held in (lease, joined, waited):
+        held.release()
+
+
+async def test_a_refusal_that_comes_after_the_request_drops_the_adapter(
+    hub: FakeHub, tmp_path: Path, model_dir: Path
+) -> None:
+    engine = FakeEngine(pipeline_loras=True, lora_answer_delay=0.1, reject_loras=True)
+    registry = _registry(tmp_path, model_dir, engine)
+    _publish(hub, tmp_path, "acme/a")
+    lease = await registry.acquire("acme/a", "hub", None, wait=False)
+    answer = lease.loaded.target.loaded
+    assert answer is not None
+    with pytest.raises(InvalidAdapter, match="could not load acme/a: unsupported adapter"):
+        await answer
+    assert _markers(tmp_path) == []
+    assert registry.entries() != []  # still leased by the request: it stays until the request ends
+    lease.release()
+    for _ in range(100):
+        if not registry.entries():
+            break
+        await asyncio.sleep(0.01)
+    assert registry.entries() == []  # it would fail every time: dropped from the cache once unused
+    # A caller that waits gets the refusal itself, as before.
+    with pytest.raises(InvalidAdapter, match="unsupported adapter"):
+        await registry.acquire("acme/a", "hub", None)
+    assert registry.entries() == []
+
+
 async def test_an_adapter_removed_between_download_and_load_is_fetched_again(
     hub: FakeHub, tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
