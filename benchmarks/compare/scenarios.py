@@ -122,8 +122,9 @@ async def mixed(
     same): one batch of a few seconds is as noisy as the differences measured. Prompts are shorter than a KV
     block (128 tokens on CPU), so prefix caching never lets a later round skip work.
 
-    With ``pairing``, each round is followed by the same batch on the offline engine kept beside the server,
-    and scenario 3 divides each server round by the offline round next to it: the median of those ratios.
+    With ``pairing``, each round is paired with the same batch on the offline engine kept beside the server (the
+    server first in one round, the offline engine first in the next), and scenario 3 divides each server round by
+    its offline round: the median of those ratios.
     """
     await _warm(client, [BASE, *adapters.mixed])
     work = mixed_requests(profile, adapters)
