@@ -128,29 +128,29 @@ async def mixed(
     """
     await _warm(client, [BASE, *adapters.mixed])
     work = mixed_requests(profile, adapters)
+    rounds: list[BatchFigures] = []
+    offline_rounds: list[float] = []
     if pairing is None:
         rounds = [summarize(await client.all_at_once(work)) for _ in range(profile.mixed_rounds)]
-        return {**median_round(rounds).as_dict(), "rounds_output_tok_s": [r.output_tok_s for r in rounds]}
-    rounds, offline_rounds = [], []
-    for order in alternating(("server", "offline"), profile.mixed_rounds):  # server first, then offline first…
-        for side in order:
-            if side == "server":
-                rounds.append(await pairing.server_round(client, work))
-            else:
-                offline_rounds.append(await pairing.round())
-    ratios = [r.output_tok_s / o for r, o in zip(rounds, offline_rounds, strict=True) if o]
-    return {
-        **median_round(rounds).as_dict(),
-        "rounds_output_tok_s": [r.output_tok_s for r in rounds],
-        "paired_offline": {
+    else:
+        for order in alternating(("server", "offline"), profile.mixed_rounds):  # server first, then offline first…
+            for side in order:
+                if side == "server":
+                    rounds.append(await pairing.server_round(client, work))
+                else:
+                    offline_rounds.append(await pairing.round())
+    figures = {**median_round(rounds).as_dict(), "rounds_output_tok_s": [r.output_tok_s for r in rounds]}
+    if pairing is not None:
+        ratios = [r.output_tok_s / o for r, o in zip(rounds, offline_rounds, strict=True) if o]
+        figures["paired_offline"] = {
             "rounds_output_tok_s": offline_rounds,
             "output_tok_s": median(offline_rounds),
             "over_offline_tok_s": median(ratios),
             "rounds_over_offline_tok_s": ratios,
             "offline_cpu_in_server_rounds_s": pairing.offline_cpu_in_server_rounds_s,
             "server_cpu_in_offline_rounds_s": pairing.server_cpu_in_offline_rounds_s,
-        },
-    }
+        }
+    return figures
 
 
 async def lora_cost(client: Client, adapters: Adapters, profile: Profile) -> dict[str, Any]:
