@@ -10,7 +10,7 @@ import pytest
 
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.sources import HubSource, RemoteFile
-from loraserve.errors import ModelNotFound
+from loraserve.errors import ModelNotFound, SourceUnavailable
 from tests.support.fake_hub import FakeHub, patch_default_endpoint
 from tests.unit.adapters.helpers import write_adapter
 
@@ -53,3 +53,44 @@ def test_a_missing_file_fails_the_fetch_after_the_others_end(hub: FakeHub, tmp_p
     # The error came from the first file, yet every other download ran to its end before fetch returned.
     assert all(hub.completed[("org/adapter", file.name)] == 1 for file in snapshot.files)
     assert hub.bodies_in_flight == 0
+
+
+def _resolve_requests(hub: FakeHub) -> list[str]:
+    return [method for method, path in hub.request_log if "/resolve/" in path]
+
+
+def test_small_files_take_one_get_each_and_no_metadata_request(hub: FakeHub, tmp_path: Path) -> None:
+    source = _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    HubSource().fetch(snapshot, dest, None)
+    # resolve listed the files and sizes at the pinned commit: a HEAD per file would only add a round trip.
+    assert _resolve_requests(hub) == ["GET"] * len(snapshot.files)
+    assert all(f"/resolve/{snapshot.version}/" in path for method, path in hub.request_log if "/resolve/" in path)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(file.name for file in snapshot.files)
+    for file in snapshot.files:
+        assert (dest / file.name).read_bytes() == (source / file.name).read_bytes()
+
+
+def test_files_over_the_direct_limit_go_through_hf_hub_download(hub: FakeHub, tmp_path: Path) -> None:
+    source = _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    HubSource(direct_limit=0).fetch(snapshot, dest, None)
+    assert "HEAD" in _resolve_requests(hub)  # hf_hub_download asks for the file's metadata first
+    assert sorted(p.name for p in dest.iterdir()) == sorted(file.name for file in snapshot.files)
+    for file in snapshot.files:
+        assert (dest / file.name).read_bytes() == (source / file.name).read_bytes()
+
+
+def test_a_file_of_another_size_than_listed_fails_the_fetch(hub: FakeHub, tmp_path: Path) -> None:
+    _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    # The listing said one size, the body has another (a repo rewritten under a commit, a proxy cutting the body).
+    wrong = replace(snapshot, files=tuple(replace(file, size=file.size + 1) for file in snapshot.files))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(SourceUnavailable):
+        HubSource().fetch(wrong, dest, None)
