@@ -62,6 +62,10 @@ def _make_adapters(base: Path, work: Path, hub: FakeHub) -> dict[str, Path]:
     publish("acme/pickled", 5, pickle_only=True)
     publish("acme/rank-32", 6, r=32)
     publish("acme/single-flight", 9)  # only the single-flight test asks for it: it must be cold there
+    # Also targets the MLP: an adapter that follows it into a LoRA slot must find the MLP layers zeroed.
+    publish(
+        "acme/mlp", 11, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
     # Passes loraserve's checks, but vLLM refuses it when loading: its requests are already on their way then.
     refused = make_lora_adapter(base, work / "acme__bias", seed=10)
     config = json.loads((refused / "adapter_config.json").read_text())

@@ -77,23 +77,39 @@ def test_mixed_batches_answer_as_alone_with_one_lora_slot_and_no_prefix_cache(se
     _check_mixes(server_one_lora)
 
 
-@pytest.mark.parametrize("adapter", ["acme/voice", "team/local-a"])
-def test_adapter_tokens_equal_transformers_and_peft(server: RunningServer, adapter: str) -> None:
-    """An independent reference: the same fp32 weights in transformers + peft, greedy.
-
-    Six tokens: vLLM's fused CPU kernels and transformers' eager ops round fp32 differently (~1e-6), and a
-    near-tie in the logits can flip an argmax after a few tokens; measured here, the first 12 tokens of
-    these adapters agree, so 6 leaves a margin while still reading the adapter's own continuation.
-    """
+def _peft_text(server: RunningServer, adapter: str) -> str:
+    """Six greedy tokens from the same fp32 weights in transformers + peft: an independent reference."""
     tokenizer = AutoTokenizer.from_pretrained(server.model_dir)
     base = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(server.adapters[adapter])).eval()
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-    expected = tokenizer.decode(out[0, ids.shape[1] :])
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))  # the server stops at EOS, unshown
+
+
+def _text(server: RunningServer, adapter: str) -> str:
     source = "local" if adapter.startswith("team/") else "hub"
     response = server.client().completions.create(
         model=adapter, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"adapter_source": source}
     )
-    assert response.choices[0].text == expected
+    return response.choices[0].text
+
+
+@pytest.mark.parametrize("adapter", ["acme/voice", "team/local-a"])
+def test_adapter_tokens_equal_transformers_and_peft(server: RunningServer, adapter: str) -> None:
+    """Six tokens: vLLM's fused CPU kernels and transformers' eager ops round fp32 differently (~1e-6), and a
+    near-tie in the logits can flip an argmax after a few tokens; measured here, the first 12 tokens of
+    these adapters agree, so 6 leaves a margin while still reading the adapter's own continuation.
+    """
+    assert _text(server, adapter) == _peft_text(server, adapter)
+
+
+def test_adapters_taking_turns_in_one_slot_each_answer_as_peft(server_one_lora: RunningServer) -> None:
+    """One LoRA slot: every request moves its adapter into the slot the other one held. acme/mlp also targets the
+    MLP layers, acme/voice does not; loraserve stops vLLM from zeroing layers that are zero already
+    (engine/lora_slots.py), so acme/voice must still find acme/mlp's MLP weights gone."""
+    expected = {adapter: _peft_text(server_one_lora, adapter) for adapter in ("acme/mlp", "acme/voice")}
+    assert expected["acme/mlp"] != expected["acme/voice"]
+    for adapter in ("acme/voice", "acme/mlp", "acme/voice", "acme/mlp", "acme/voice"):
+        assert _text(server_one_lora, adapter) == expected[adapter], adapter

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from loraserve.engine import lora_fix, lora_linear
+from loraserve.engine import lora_fix, lora_linear, lora_slots
 
 SLOTS, HIDDEN, RANK = 4, 12, 4
 SLICES = (10, 6, 6)  # q, k, v
@@ -311,8 +311,10 @@ def test_apply_installs_the_planned_layers_once(punica_cpu: ModuleType) -> None:
     lora_fix.apply()
     assert wrapper_class.add_lora_linear is method  # not wrapped twice
     manager = importlib.import_module(lora_fix.MODEL_MANAGER).LoRAModelManager
-    assert hasattr(manager.activate_adapter, "__wrapped__")
-    assert not hasattr(manager.activate_adapter.__wrapped__, "__wrapped__")
+    # Two wrappers, each once: lora_slots' over this module's slot tracking, over vLLM's method.
+    assert lora_slots.installed(manager)
+    assert hasattr(manager.activate_adapter.__wrapped__, "__wrapped__")
+    assert not hasattr(manager.activate_adapter.__wrapped__.__wrapped__, "__wrapped__")
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))

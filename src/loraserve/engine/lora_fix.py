@@ -10,7 +10,8 @@ sits in slot ``max_loras - 1``. Alone it is right, because the prefill path skip
 slot for -1, with versions that gather a valid slot and zero the rows without an adapter (as the GPU kernels do by
 skipping them). On a vLLM that is already fixed, or a platform whose LoRA path does not use these ops, it does
 nothing. Then, on CPU, it gives ``PunicaWrapperCPU`` loraserve's planned ``add_lora_linear``
-(:mod:`loraserve.engine.lora_linear`) once that has matched the wrapper on a mixed batch.
+(:mod:`loraserve.engine.lora_linear`) once that has matched the wrapper on a mixed batch, and vLLM's adapter
+activation stops zeroing slots that are zero already (:mod:`loraserve.engine.lora_slots`).
 ``LORASERVE_DISABLE_LORA_FIX=1`` switches all of it off; ``LORASERVE_DISABLE_LORA_PLAN=1`` only the planned layers.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from loraserve.engine import lora_linear
+from loraserve.engine import lora_linear, lora_slots
 from loraserve.logs import in_main_process
 
 logger = logging.getLogger("loraserve.lora_fix")
@@ -465,6 +466,10 @@ def _apply() -> list[str]:
     else:
         logger.debug("vLLM's CPU LoRA ops handle rows without an adapter; no correction needed")
     _plan_linear_layers()  # after the correction: its self-check compares against the corrected wrapper
+    try:
+        lora_slots.skip_zero_resets(importlib.import_module(MODEL_MANAGER).LoRAModelManager)
+    except Exception:  # without it vLLM zeroes slots that are zero already: slower, still right
+        logger.debug("Could not follow which LoRA slots are zero", exc_info=True)
     return defective
 
 
