@@ -19,6 +19,7 @@ fallback (401 -> RepositoryNotFoundError) matches ``https://`` urls only, never 
 * unknown revision: 404 ``RevisionNotFound`` -> ``RevisionNotFoundError``.
 * unknown file: 404 ``EntryNotFound`` (with ``X-Repo-Commit``, so the client caches the miss)
   -> ``RemoteEntryNotFoundError``.
+* ``failing_file_gets = N``: the next N GETs of a file's body answer 503.
 * ``down = True``: 503 everywhere -> ``HfHubHTTPError`` from ``model_info``; ``hf_hub_download`` retries the HEAD with
   back-off (~23 s of sleeps) and then raises ``LocalEntryNotFoundError``, unless the file is already cached.
 
@@ -158,6 +159,8 @@ class FakeHub:
         self.request_log: list[tuple[str, str]] = []  # (method, raw path) of every request, even while down
         self.down = False
         self.file_delay = 0.0
+        self.failing_file_gets = 0  # the next this many GETs of a file's body answer 503 (a Hub or CDN hiccup)
+        self.file_get_headers: list[dict[str, str]] = []  # the request headers of every GET of a file's body
         self.bodies_in_flight = 0  # file bodies being streamed now
         self.most_bodies_in_flight = 0  # ... at most, since start: shows whether a client fetched files at once
         self._repos: dict[str, Repo] = {}
@@ -413,6 +416,10 @@ class FakeHub:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(size)})
         if request.method == "HEAD":
             return Response(status_code=200, headers={**headers, "Content-Length": str(size)})
+        self.file_get_headers.append(dict(request.headers))
+        if self.failing_file_gets > 0:
+            self.failing_file_gets -= 1  # the server's one event loop answers every request: no lock needed
+            return _error(503, None, "Service Unavailable")
 
         status, start, end = 200, 0, size - 1
         # http_get resumes a dropped download with "Range: bytes=N-".

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ DEFAULT_TIMEOUT_S = 20.0
 
 # Hub files up to this size are fetched with one plain GET; larger ones through hf_hub_download (Xet when it can).
 DIRECT_GET_LIMIT = 64 * 1024 * 1024
+# Waits before each new attempt at a file the Hub answered with a 5xx.
+RETRY_WAITS_S = (0.5, 1.0, 2.0)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -126,11 +129,13 @@ class HubSource:
         return Snapshot(ref, info.sha, _select(ref, siblings), public=not info.private and not info.gated)
 
     def fetch(self, snapshot: Snapshot, dest: Path, token: str | None) -> None:
-        from huggingface_hub import hf_hub_download, hf_hub_url
-        from huggingface_hub.file_download import http_get
+        from huggingface_hub import constants, hf_hub_download, hf_hub_url
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # a lazy re-export
 
         headers = build_hf_headers(token=token)
+        counter = getattr(constants, "X_HF_DOWNLOAD_COUNTER", None)
+        if counter:  # what huggingface_hub's own downloads send (flag_as_download_call): publishers see the download
+            headers[counter] = "1"
 
         def download(file: RemoteFile) -> None:
             with _hub_errors(snapshot.ref):
@@ -139,8 +144,7 @@ class HubSource:
                     # hf_hub_download's metadata request, file lock and bookkeeping files would only add a round
                     # trip and CPU to every first request (about half of a small adapter's fetch on loopback).
                     url = hf_hub_url(snapshot.ref.name, file.name, revision=snapshot.version)
-                    with open(dest / file.name, "wb") as out:
-                        http_get(url, out, headers=headers, expected_size=file.size)
+                    _get_file(url, dest / file.name, headers, file.size)
                     return
                 # Large (or unsized) files: huggingface_hub's full path, which uses Xet storage when it can.
                 hf_hub_download(
@@ -159,6 +163,28 @@ class HubSource:
                 done.result()
         # hf_hub_download keeps bookkeeping beside local_dir downloads; the entry needs none of it.
         shutil.rmtree(dest / ".cache", ignore_errors=True)
+
+
+def _get_file(url: str, path: Path, headers: dict[str, str], size: int) -> None:
+    """``url`` into ``path`` with huggingface_hub's ``http_get`` (size check, resumes after a dropped connection).
+
+    ``http_get`` retries only 408 and 429; a 5xx from the Hub or its CDN is retried here a few times, as
+    ``hf_hub_download`` retries its metadata request, before the fetch fails.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
+    for wait_s in (*RETRY_WAITS_S, None):
+        try:
+            with open(path, "wb") as out:  # each attempt starts the file anew
+                http_get(url, out, headers=headers, expected_size=size)
+            return
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if wait_s is None or status < 500:
+                raise
+            logger.info("Hub answered %d for %s; trying again in %.1f s", status, path.name, wait_s)
+            time.sleep(wait_s)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from loraserve.adapters import sources
 from loraserve.adapters.ref import AdapterRef
 from loraserve.adapters.sources import HubSource, RemoteFile
 from loraserve.errors import ModelNotFound, SourceUnavailable
@@ -92,5 +93,47 @@ def test_a_file_of_another_size_than_listed_fails_the_fetch(hub: FakeHub, tmp_pa
     wrong = replace(snapshot, files=tuple(replace(file, size=file.size + 1) for file in snapshot.files))
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(SourceUnavailable):
+    with pytest.raises(SourceUnavailable) as raised:
         HubSource().fetch(wrong, dest, None)
+    assert isinstance(raised.value.__cause__, OSError) and "Consistency check" in str(raised.value.__cause__)
+
+
+def test_a_5xx_on_a_file_is_tried_again(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _publish(hub, tmp_path)
+    monkeypatch.setattr(sources, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    hub.failing_file_gets = 2
+    HubSource().fetch(snapshot, dest, None)
+    assert _resolve_requests(hub) == ["GET"] * (len(snapshot.files) + 2)
+    for file in snapshot.files:
+        assert (dest / file.name).read_bytes() == (source / file.name).read_bytes()
+
+
+def test_a_hub_that_keeps_failing_a_file_fails_the_fetch(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _publish(hub, tmp_path)
+    monkeypatch.setattr(sources, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    hub.failing_file_gets = 100
+    with pytest.raises(SourceUnavailable):
+        HubSource().fetch(snapshot, dest, None)
+    assert len(_resolve_requests(hub)) == len(snapshot.files) * (len(sources.RETRY_WAITS_S) + 1)
+
+
+def test_downloads_are_flagged_as_huggingface_hubs_own_are(hub: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    counter = getattr(constants, "X_HF_DOWNLOAD_COUNTER", None)
+    if counter is None:
+        pytest.skip("this huggingface_hub does not flag downloads")
+    _publish(hub, tmp_path)
+    snapshot = HubSource().resolve(AdapterRef("hub", "org/adapter"), None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    HubSource().fetch(snapshot, dest, None)
+    assert hub.file_get_headers and all(headers.get(counter.lower()) == "1" for headers in hub.file_get_headers)
