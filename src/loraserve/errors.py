@@ -150,6 +150,11 @@ class EngineUnavailable(LoraserveError):
     code = "engine_unavailable"
     retry_after = 5
 
+    @classmethod
+    def engine_down(cls) -> EngineUnavailable:
+        """The engine stopped, or refuses work because it did."""
+        return cls("The inference engine is not available; try again later.")
+
 
 class SourceUnavailable(EngineUnavailable):
     code = "adapter_source_unavailable"

@@ -325,7 +325,7 @@ class Generator:
         except EngineRejected as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         except EngineDead as exc:
-            raise EngineUnavailable("The inference engine is not available; try again later.") from exc
+            raise EngineUnavailable.engine_down() from exc
         except EngineBusy as exc:
             raise ServerBusy("The server is at its queue limit; try again shortly.") from exc
         except (InvalidRequest, EngineUnavailable, EngineFailure):

@@ -61,10 +61,6 @@ def _refusal(entry: CacheEntry, exc: EngineRejected) -> str:
     return f"the engine could not load {entry.ref.display()}: {reason}"
 
 
-def _unavailable() -> EngineUnavailable:
-    return EngineUnavailable("The inference engine is not available; try again later.")
-
-
 def _retrieve(task: asyncio.Future[None]) -> None:
     """Mark the answer's error as seen: requests that raise it may all have gone already."""
     if not task.cancelled():
@@ -373,7 +369,7 @@ class AdapterRegistry:
             raise _EngineRefused(_refusal(entry, exc)) from exc
         except EngineDead as exc:
             self._store.unmark_in_use(entry)
-            raise _unavailable() from exc
+            raise EngineUnavailable.engine_down() from exc
         except BaseException:
             self._store.unmark_in_use(entry)  # not loaded after all
             raise
@@ -404,7 +400,7 @@ class AdapterRegistry:
                 self._in_background(self._evict_when_idle(loaded))
                 raise _EngineRefused(_refusal(entry, exc)) from exc
             if isinstance(exc, EngineDead):
-                raise _unavailable() from exc
+                raise EngineUnavailable.engine_down() from exc
             raise
         loaded.target = replace(loaded.target, loaded=None)
         self._loaded_into_engine(loaded, started)
