@@ -108,7 +108,8 @@ def test_adapter_tokens_equal_transformers_and_peft(server: RunningServer, adapt
 def test_adapters_taking_turns_in_one_slot_each_answer_as_peft(server_one_lora: RunningServer) -> None:
     """One LoRA slot: every request moves its adapter into the slot the other one held. acme/mlp also targets the
     MLP layers, acme/voice does not; loraserve stops vLLM from zeroing layers that are zero already
-    (engine/lora_slots.py), so acme/voice must still find acme/mlp's MLP weights gone."""
+    (engine/lora_slots.py), so acme/voice must still find acme/mlp's MLP weights gone. (Checked: with a write
+    not forgotten, acme/voice answers " Paris." where peft answers " France.")"""
     expected = {adapter: _peft_text(server_one_lora, adapter) for adapter in ("acme/mlp", "acme/voice")}
     assert expected["acme/mlp"] != expected["acme/voice"]
     for adapter in ("acme/voice", "acme/mlp", "acme/voice", "acme/mlp", "acme/voice"):
