@@ -15,10 +15,7 @@ once a reset was done or seen here. These two methods are the only ones vLLM wri
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-logger = logging.getLogger("loraserve.lora_slots")
 
 _ZERO = "_loraserve_zero_slots"
 
@@ -60,9 +57,9 @@ def installed(manager_class: Any) -> bool:
 
 def skip_zero_resets(manager_class: Any) -> None:
     """Make ``manager_class`` (vLLM's ``LoRAModelManager``) follow its layers' zero slots before it writes one."""
-    original = manager_class.activate_adapter
     if installed(manager_class):
         return
+    original = manager_class.activate_adapter
 
     def activate_adapter(self: Any, lora_id: int) -> bool:
         if lora_id not in getattr(self, "_active_adapters", ()):  # an active adapter is not written again
