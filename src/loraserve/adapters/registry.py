@@ -56,9 +56,14 @@ class LoadedAdapter:
         self.idle.set()
 
 
-def _refusal(entry: CacheEntry, exc: EngineRejected) -> str:
-    reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
-    return f"the engine could not load {entry.ref.display()}: {reason}"
+def _engine_error(entry: CacheEntry, exc: BaseException) -> Exception | None:
+    """What a client is told when the engine refused ``entry`` or is gone (None: ``exc`` as it is)."""
+    if isinstance(exc, EngineRejected):
+        reason = str(exc).replace(str(entry.path), entry.ref.display())  # no server paths to clients
+        return _EngineRefused(f"the engine could not load {entry.ref.display()}: {reason}")
+    if isinstance(exc, EngineDead):
+        return EngineUnavailable.engine_down()
+    return None
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:
@@ -364,18 +369,16 @@ class AdapterRegistry:
             chat = await anyio.to_thread.run_sync(self._chat_format, entry.path)
             started = time.monotonic()
             answer = await self._engine.send_lora(target)
-        except EngineRejected as exc:
-            self._store.unmark_in_use(entry)
-            raise _EngineRefused(_refusal(entry, exc)) from exc
-        except EngineDead as exc:
-            self._store.unmark_in_use(entry)
-            raise EngineUnavailable.engine_down() from exc
-        except BaseException:
+            if answer.done():  # the engine answered already (it takes no request before it has)
+                answer.result()
+        except BaseException as exc:
             self._store.unmark_in_use(entry)  # not loaded after all
-            raise
+            error = _engine_error(entry, exc)
+            if error is None:
+                raise
+            raise error from exc
         loaded = LoadedAdapter(entry, target, chat)
-        if answer.done():  # the engine answered already (it takes no request before it has)
-            answer.result()
+        if answer.done():
             self._loaded_into_engine(loaded, started)
         else:
             # Requests may follow add_lora before its answer: they carry it, and generate waits for it.
@@ -398,10 +401,10 @@ class AdapterRegistry:
             if isinstance(exc, EngineRejected):
                 # A snapshot the engine refuses would fail every time: drop it once its requests have ended.
                 self._in_background(self._evict_when_idle(loaded))
-                raise _EngineRefused(_refusal(entry, exc)) from exc
-            if isinstance(exc, EngineDead):
-                raise EngineUnavailable.engine_down() from exc
-            raise
+            error = _engine_error(entry, exc)
+            if error is None:
+                raise
+            raise error from exc
         loaded.target = replace(loaded.target, loaded=None)
         self._loaded_into_engine(loaded, started)
 

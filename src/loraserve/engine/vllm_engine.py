@@ -205,15 +205,12 @@ async def _once_loaded(
         if pending.cancelled():  # the load itself was cancelled (a stopping server), not this request
             raise EngineDead("the adapter's load into the engine was cancelled") from exc
         raise
-    if first is None:
-        async for output in stream:
-            yield output
-        return
-    try:
-        output = await first
-    except StopAsyncIteration:
-        return
-    yield output
+    if first is not None:
+        try:
+            output = await first
+        except StopAsyncIteration:
+            return
+        yield output
     async for output in stream:
         yield output
 
