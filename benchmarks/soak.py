@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _process_group as process_group  # noqa: E402
 from benchmarks import _results  # noqa: E402
+from benchmarks.compare.servers import disk_bytes  # noqa: E402
 from benchmarks.compare.workload import zipf_weights  # noqa: E402
 from tests.support.adapters import make_lora_adapter  # noqa: E402
 from tests.support.server import free_port, wait_healthy  # noqa: E402
@@ -93,16 +94,14 @@ def _open_files(pid: int) -> int:
         return 0
 
 
+def _not_budgeted(name: str) -> bool:
+    """The cache's lock files and entry metadata, which its budget does not count."""
+    return name.endswith(".lock") or name == ".loraserve-entry.json"
+
+
 def _cache_bytes(cache: Path) -> int:
-    """Adapter bytes on disk, downloads in progress included (the budget counts neither locks nor metadata)."""
-    total = 0
-    for path in cache.rglob("*"):
-        try:
-            if path.is_file() and not path.name.endswith(".lock") and path.name != ".loraserve-entry.json":
-                total += path.stat().st_size
-        except OSError:  # deleted while we looked
-            continue
-    return total
+    """Adapter bytes on disk, downloads in progress included (a walk that tolerates the server's renames)."""
+    return disk_bytes(cache, skip=_not_budgeted)
 
 
 async def _client(url: str, report: SoakReport, stop_at: float, rng: random.Random, max_tokens: int) -> None:

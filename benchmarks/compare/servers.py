@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,15 +164,17 @@ def _wait_group_gone(pgid: int, timeout_s: float = 30) -> None:
         pass
 
 
-def disk_bytes(folder: Path) -> int:
-    """Bytes of the regular files under ``folder``, each file (inode) once; symlinks (the HF cache's snapshots)
-    are not followed. Once per inode because the walk races the server: a folder renamed from the cache's tmp/
-    into entries/ (or evicted the other way) while the walk runs is met on both sides, and summing both read
-    two adapters over the budget that were never on disk twice."""
+def disk_bytes(folder: Path, skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Bytes of the regular files under ``folder`` whose names ``skip`` does not reject, each file (inode) once;
+    symlinks (the HF cache's snapshots) are not followed. The walk races the server: a folder renamed from the
+    cache's tmp/ into entries/ (or evicted the other way) while the walk runs is met on both sides, and summing both
+    read two adapters over the budget that were never on disk twice; a folder gone meanwhile is passed over."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for root, _dirs, files in os.walk(folder):
         for name in files:
+            if skip(name):
+                continue
             try:
                 stat = os.lstat(os.path.join(root, name))
             except OSError:  # removed while we looked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -168,3 +169,19 @@ def test_disk_bytes_counts_regular_files_once_and_not_the_hf_caches_symlinks(tmp
     (tmp_path / "moved-mid-walk").hardlink_to(blob)  # the same file met twice, as a rename during the walk does
     assert disk_bytes(tmp_path) == 102
     assert disk_bytes(tmp_path / "missing") == 0
+
+
+def test_disk_bytes_passes_over_a_folder_removed_during_the_walk_and_skips_what_it_is_told(tmp_path: Path) -> None:
+    (tmp_path / "entry.bin").write_bytes(b"x" * 10)
+    (tmp_path / "key.lock").write_text("")
+    (tmp_path / "meta.json").write_text("{}")
+    gone = tmp_path / "tmp" / "key.incomplete"
+    gone.mkdir(parents=True)
+    (gone / "part").write_bytes(b"y" * 5)
+
+    def skip(name: str) -> bool:
+        # The walk reads the top folder's files before it descends: the server renames the download away now.
+        shutil.rmtree(gone, ignore_errors=True)
+        return name.endswith(".lock") or name == "meta.json"
+
+    assert disk_bytes(tmp_path, skip=skip) == 10
