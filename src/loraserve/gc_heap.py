@@ -1,0 +1,31 @@
+"""Keep the startup heap out of the cyclic garbage collector's way while the server runs.
+
+Importing vLLM, torch and transformers leaves the API process with about 700,000 objects the collector tracks.
+A full (generation 2) collection walks every one of them: 0.7 s on the 2-core benchmark machine, during which
+the event loop takes no request and streams no token (a burst's throughput fell by a tenth in that round).
+Nothing built at startup becomes cyclic garbage later, so once the server is up its heap is frozen: moved to
+a permanent generation that collections skip, as vLLM's own OpenAI server does (``freeze_gc_heap``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Everything alive on entry is frozen until exit; what was garbage is collected first, not kept forever."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.debug("froze %d objects in %.2f s", gc.get_freeze_count(), time.perf_counter() - started)
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # a process that goes on (tests, an embedding app) collects them again
