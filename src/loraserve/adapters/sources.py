@@ -13,7 +13,7 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,6 +108,7 @@ class HubSource:
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, direct_limit: int = DIRECT_GET_LIMIT) -> None:
         self.timeout_s = timeout_s
         self.direct_limit = direct_limit
+        self._direct = True  # small files by one plain GET; False once huggingface_hub's http_get did not fit
 
     def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
         from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
@@ -139,13 +140,25 @@ class HubSource:
 
         def download(file: RemoteFile) -> None:
             with _hub_errors(snapshot.ref):
-                if 0 < file.size <= self.direct_limit:
+                if self._direct and 0 < file.size <= self.direct_limit:
                     # One GET at the pinned commit: resolve already listed the files and their sizes, so
                     # hf_hub_download's metadata request, file lock and bookkeeping files would only add a round
                     # trip and CPU to every first request (about half of a small adapter's fetch on loopback).
                     url = hf_hub_url(snapshot.ref.name, file.name, revision=snapshot.version)
-                    _get_file(url, dest / file.name, headers, file.size)
-                    return
+                    try:
+                        _get_file(url, dest / file.name, headers, file.size)
+                        return
+                    except (ImportError, AttributeError, TypeError):
+                        # http_get is huggingface_hub's internal, not its public API: should a release move or
+                        # reshape it, every adapter would fail as "Hub unreachable". The public path still works.
+                        if self._direct:
+                            self._direct = False
+                            logger.warning(
+                                "huggingface_hub's http_get is not what loraserve expects; downloading through "
+                                "hf_hub_download from now on (slower for small files)",
+                                exc_info=True,
+                            )
+                        (dest / file.name).unlink(missing_ok=True)
                 # Large (or unsized) files: huggingface_hub's full path, which uses Xet storage when it can.
                 hf_hub_download(
                     snapshot.ref.name,
@@ -172,8 +185,8 @@ def _get_file(url: str, path: Path, headers: dict[str, str], size: int) -> None:
     ``hf_hub_download`` retries its metadata request, before the fetch fails.
     """
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
 
+    http_get = _hf_http_get()
     for wait_s in (*RETRY_WAITS_S, None):
         try:
             with open(path, "wb") as out:  # each attempt starts the file anew
@@ -185,6 +198,13 @@ def _get_file(url: str, path: Path, headers: dict[str, str], size: int) -> None:
                 raise
             logger.info("Hub answered %d for %s; trying again in %.1f s", status, path.name, wait_s)
             time.sleep(wait_s)
+
+
+def _hf_http_get() -> Callable[..., None]:
+    """huggingface_hub's own streaming GET: an internal of ``file_download``, not part of its public API."""
+    from huggingface_hub.file_download import http_get
+
+    return http_get
 
 
 @contextmanager
