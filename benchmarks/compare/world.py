@@ -7,7 +7,6 @@ loraserve accepts them because the shapes fit.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +34,15 @@ class Adapters:
         return self.folder / repo.replace("/", "__")
 
 
-def publish(hub: FakeHub, model_dir: Path, mixed: int, cold: int, churn: int) -> tuple[Adapters, int]:
-    """Make the adapters, commit each to its own repo on ``hub``; return their ids and one adapter's bytes."""
+def publish(hub: FakeHub, model_dir: Path, folder: Path, mixed: int, cold: int, churn: int) -> tuple[Adapters, int]:
+    """Make the adapters in ``folder`` (the caller removes it: 0.7 GB for the full profile), commit each to its own
+    repo on ``hub``; return their ids and one adapter's bytes."""
     adapters = Adapters(
         mixed=[f"{ORG}/mixed-{i}" for i in range(mixed)],
         cold=[f"{ORG}/cold-{i}" for i in range(cold)],
         flight=f"{ORG}/flight",
         churn=[f"{ORG}/churn-{i}" for i in range(churn)],
-        folder=Path(tempfile.mkdtemp(prefix="bench-adapters.")),
+        folder=folder,
     )
     size = 0
     for seed, repo in enumerate(adapters.all(), start=1):
