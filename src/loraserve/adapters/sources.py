@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,7 @@ class HubSource:
         self.timeout_s = timeout_s
         self.direct_limit = direct_limit
         self._direct = True  # small files by one plain GET; False once huggingface_hub's http_get did not fit
+        self._fallback_lock = threading.Lock()
 
     def resolve(self, ref: AdapterRef, token: str | None) -> Snapshot:
         from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
@@ -151,8 +153,9 @@ class HubSource:
                     except (ImportError, AttributeError, TypeError):
                         # http_get is huggingface_hub's internal, not its public API: should a release move or
                         # reshape it, every adapter would fail as "Hub unreachable". The public path still works.
-                        if self._direct:
-                            self._direct = False
+                        with self._fallback_lock:  # files are fetched in parallel: say it once
+                            first, self._direct = self._direct, False
+                        if first:
                             logger.warning(
                                 "huggingface_hub's http_get is not what loraserve expects; downloading through "
                                 "hf_hub_download from now on (slower for small files)",
