@@ -12,7 +12,6 @@ scenario-1 rounds and the offline engine's alternate and each pair is compared a
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import select
@@ -47,6 +46,8 @@ def start(spec: dict[str, Any]) -> tuple[float, Batch]:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
+    from loraserve.gc_heap import freeze_startup_heap
+
     # As loraserve does: one second for vLLM's workers to exit at the end, not five before being killed.
     os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
     started = time.monotonic()
@@ -73,8 +74,7 @@ def start(spec: dict[str, Any]) -> tuple[float, Batch]:
     generate([{"model": name, "prompt": "Hello", "max_tokens": 1} for name in ["", *loras]])
     # As loraserve's and vLLM's servers do once up: the startup heap out of the collector's way, else a full
     # collection (~0.7 s with vLLM imported) may land in a timed batch.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     return startup_s, generate
 
 

@@ -19,13 +19,18 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Everything alive on entry is frozen until exit; what was garbage is collected first, not kept forever."""
+def freeze_startup_heap() -> None:
+    """Freeze everything alive now for the rest of the process; what is garbage now is collected first."""
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
     logger.debug("froze %d objects in %.2f s", gc.get_freeze_count(), time.perf_counter() - started)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The startup heap frozen until exit (see ``freeze_startup_heap``), then given back to the collector."""
+    freeze_startup_heap()
     try:
         yield
     finally:

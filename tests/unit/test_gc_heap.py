@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from loraserve.gc_heap import frozen_heap
+from loraserve.gc_heap import freeze_startup_heap, frozen_heap
 
 
 class _Node:
@@ -38,3 +38,13 @@ def test_cycles_made_while_frozen_are_still_collected() -> None:
         del later
         gc.collect()
         assert gone() is None
+
+
+def test_freeze_startup_heap_freezes_for_the_rest_of_the_process() -> None:
+    gc.unfreeze()
+    alive = _Node()
+    try:
+        freeze_startup_heap()
+        assert not any(obj is alive for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()
