@@ -45,11 +45,16 @@ def start(spec: dict[str, Any]) -> tuple[float, Batch]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+    from vllm.platforms import current_platform
 
+    from loraserve.engine.cpu_priority import set_engine_priority
     from loraserve.gc_heap import freeze_startup_heap
 
-    # As loraserve does: one second for vLLM's workers to exit at the end, not five before being killed.
+    # As loraserve does: one second for vLLM's workers to exit at the end, not five before being killed; and its
+    # processes step aside for this one (which renders, sends and reads), as they do for the server.
     os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
+    if current_platform.is_cpu():
+        set_engine_priority("idle")
     started = time.monotonic()
     llm = LLM(model=spec["model_dir"], **spec["engine"])
     startup_s = time.monotonic() - started

@@ -41,7 +41,7 @@ def _start_vllm(model_path: str, served_name: str, settings: Settings) -> Engine
     # Imported here so unit tests with a fake engine never import vLLM.
     from loraserve.engine.vllm_engine import VllmEngine
 
-    return VllmEngine.start(model_path, served_name, settings.engine_args)
+    return VllmEngine.start(model_path, served_name, settings.engine_args, settings.engine_cpu_priority)
 
 
 def _adapter_registry(

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loraserve.engine.cpu_priority import CpuPriority
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -111,6 +113,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Only adapters whose reference matches one of these globs may be used (repeatable), e.g. "
         "'acme/*', 'local:*', 's3://loras/*'; anything else is a 404 before any download. Default: any.",
+    )
+    engine_cpu_priority: CpuPriority = Field(
+        "idle",
+        description="On a CPU, how vLLM's engine processes share the cores with the server's own work: idle "
+        "(they compute on every free core and step aside at once when the server, or anything else, needs one) "
+        "or normal (the kernel's fair share). Ignored on a GPU.",
     )
     log_level: LogLevel = Field("info", description="Log level.")
     engine_args: dict[str, Any] = Field(

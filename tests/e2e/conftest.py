@@ -37,6 +37,7 @@ class RunningServer:
     model_dir: Path
     hub: FakeHub
     adapters: dict[str, Path]  # hub repo id or local name -> the folder it was made from
+    pid: int  # the server's process, which leads the process group of everything it starts
 
     @property
     def v1(self) -> str:
@@ -141,7 +142,7 @@ def _serve(world: _World, name: str, extra: list[str]) -> Iterator[RunningServer
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, STARTUP_TIMEOUT_S, log)
-        yield RunningServer(url, log, world.model_dir, world.hub, world.adapters)
+        yield RunningServer(url, log, world.model_dir, world.hub, world.adapters, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

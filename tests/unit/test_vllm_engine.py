@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import xgrammar
 
 from loraserve.engine import SamplingOptions, StructuredOutput
+from loraserve.engine.cpu_priority import YIELD_TO_ENV
 from loraserve.engine.vllm_engine import COMPACT_JSON_OBJECT_GRAMMAR, _sampling_params, apply_cpu_defaults
 
 
@@ -51,7 +54,8 @@ def test_json_object_requests_use_the_compact_grammar() -> None:
 def test_on_a_cpu_the_engine_computes_on_every_core_unless_the_user_says_otherwise() -> None:
     environ: dict[str, str] = {}
     apply_cpu_defaults(environ)
-    assert environ == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # this machine is a CPU one
+    # This machine is a CPU one; the engine's processes yield to this one (cpu_priority).
+    assert environ == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", YIELD_TO_ENV: str(os.getpid())}
     mine = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
-    apply_cpu_defaults(mine)
+    apply_cpu_defaults(mine, priority="normal")
     assert mine == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}

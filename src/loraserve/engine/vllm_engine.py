@@ -39,6 +39,7 @@ from loraserve.engine.base import (
     SamplingOptions,
     TokenLogprob,
 )
+from loraserve.engine.cpu_priority import CpuPriority, set_engine_priority
 from loraserve.engine.lora_guard import GUARD_UTILITY, GUARD_VERSION
 from loraserve.logs import progress
 
@@ -55,10 +56,12 @@ _WORKER_SHUTDOWN_TIMEOUT_ENV = "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"
 _CPU_RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
-def apply_cpu_defaults(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    """On a CPU, the engine computes on every core unless the user reserves some (their variable wins)."""
+def apply_cpu_defaults(environ: dict[str, str] | os._Environ[str] = os.environ, priority: CpuPriority = "idle") -> None:
+    """On a CPU, the engine computes on every core unless the user reserves some (their variable wins), and at
+    ``priority`` beside this process (``cpu_priority``)."""
     if current_platform.is_cpu():
         environ.setdefault(_CPU_RESERVED_ENV, "0")
+        set_engine_priority(priority, environ)
 
 
 # Flags loraserve owns itself, even though vLLM's parser also defines them.
@@ -236,7 +239,9 @@ class VllmEngine:
         self._lora_guarded: bool | None = None  # whether EngineCore runs lora_guard; asked on the first load
 
     @classmethod
-    def start(cls, model_path: str, served_name: str, engine_args: dict[str, Any]) -> VllmEngine:
+    def start(
+        cls, model_path: str, served_name: str, engine_args: dict[str, Any], cpu_priority: CpuPriority = "idle"
+    ) -> VllmEngine:
         kwargs = {**engine_flag_defaults(), **engine_args}
         kwargs.update(model=model_path, served_model_name=[served_name], enable_lora=True)
         fields = set(AsyncEngineArgs.__dataclass_fields__)
@@ -245,7 +250,7 @@ class VllmEngine:
             raise ValueError(f"unknown vLLM engine arguments: {', '.join(unknown)}")
         # Read by the EngineCore process it starts: one second for its workers to exit at shutdown.
         os.environ.setdefault(_WORKER_SHUTDOWN_TIMEOUT_ENV, "1")
-        apply_cpu_defaults()
+        apply_cpu_defaults(priority=cpu_priority)
         with progress(logger, "Starting the vLLM engine (about a minute on a CPU)"):
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         lora = llm.vllm_config.lora_config
