@@ -4,8 +4,10 @@ The engine computes on every core (``apply_cpu_defaults``), and between its step
 spin while they wait for each other, so the cores are never free. The server's own work (reading requests,
 tokenizing, streaming tokens, fetching a new adapter from the Hub) then waits, at every wake-up, for a busy
 thread's time slice to end. With the engine's threads under ``SCHED_IDLE`` they run whenever a core is free and
-give it up as soon as the server (or anything else on the machine) has work: measured here in one server, the
-phases alternating, 11 % more requests/s on warm adapters and 16 % more while adapters churn.
+give it up as soon as the server (or anything else on the machine) has work. Measured here in one server with
+the policy switched between blocks (benchmarks/README.md, scenario 6): 7 % more requests/s while adapters churn
+(a new adapter's download no longer waits on busy engine threads), adapters ÷ base 0.93 instead of 0.89, the
+base alone unchanged.
 
 The cost: anything else busy on the machine comes before the engine, as the server does. ``normal`` (the
 ``--engine-cpu-priority`` flag) keeps the kernel's fair share.
