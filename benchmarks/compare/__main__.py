@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -38,15 +40,17 @@ def run_server(
 ) -> dict[str, Any]:  # fmt: skip
     # Started first, so its start does not share the CPU with the server's (scenario 0 times that); then idle
     # except for its scenario-1 rounds, which alternate with the server's (scenario 3 pairs them).
-    spec = _offline_spec(model_dir, flags, adapters, profile)
     env = {**os.environ, **OFFLINE_CONFIGS[PAIRED_BINDING], "PYTHONPATH": _python_path()}
-    with OfflineRounds(spec, env, log.with_suffix(".paired-offline.log")) as offline:
-        with serve(kind, model_dir, flags, hub.url, adapters.all(), budget, log) as running:
-            logger.info("%s healthy after %.1f s", kind, running.startup_s)
-            return asyncio.run(run_all(running, hub, adapters, profile, offline))
+    with _offline_spec(model_dir, flags, adapters, profile) as spec:
+        with OfflineRounds(spec, env, log.with_suffix(".paired-offline.log")) as offline:
+            with serve(kind, model_dir, flags, hub.url, adapters.all(), budget, log) as running:
+                logger.info("%s healthy after %.1f s", kind, running.startup_s)
+                return asyncio.run(run_all(running, hub, adapters, profile, offline))
 
 
-def _offline_spec(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile) -> Path:
+@contextmanager
+def _offline_spec(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile) -> Iterator[Path]:
+    """The offline engine's spec in a folder of its own, removed with what the engine wrote beside it."""
     spec = {
         "model_dir": str(model_dir),
         "engine": flags.kwargs(),
@@ -54,9 +58,10 @@ def _offline_spec(model_dir: Path, flags: EngineFlags, adapters: Adapters, profi
         "requests": [asdict(r) for r in mixed_requests(profile, adapters)],
         "rounds": profile.mixed_rounds,
     }
-    path = Path(tempfile.mkdtemp(prefix="bench-offline.")) / "spec.json"
-    path.write_text(json.dumps(spec))
-    return path
+    with tempfile.TemporaryDirectory(prefix="bench-offline.") as folder:
+        path = Path(folder) / "spec.json"
+        path.write_text(json.dumps(spec))
+        yield path
 
 
 def _python_path() -> str:
@@ -65,18 +70,18 @@ def _python_path() -> str:
 
 def run_offline(model_dir: Path, flags: EngineFlags, adapters: Adapters, profile: Profile, log: Path) -> dict[str, Any]:
     """The offline engine in each core binding, one process each; its best ``output_tok_s`` is the limit."""
-    spec = _offline_spec(model_dir, flags, adapters, profile)
     configs: dict[str, Any] = {}
-    for name in profile.offline_bindings:
-        binding = OFFLINE_CONFIGS[name]
-        out = spec.parent / f"{name}.json"
-        with log.with_suffix(f".{name}.log").open("wb") as sink:
-            subprocess.run(
-                [sys.executable, "-m", "benchmarks.compare.offline", str(spec), str(out)],
-                stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **binding, "PYTHONPATH": _python_path()},
-                cwd=ROOT, check=True, timeout=OFFLINE_TIMEOUT_S, start_new_session=True,
-            )  # fmt: skip
-        configs[name] = json.loads(out.read_text())
+    with _offline_spec(model_dir, flags, adapters, profile) as spec:
+        for name in profile.offline_bindings:
+            binding = OFFLINE_CONFIGS[name]
+            out = spec.parent / f"{name}.json"
+            with log.with_suffix(f".{name}.log").open("wb") as sink:
+                subprocess.run(
+                    [sys.executable, "-m", "benchmarks.compare.offline", str(spec), str(out)],
+                    stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **binding, "PYTHONPATH": _python_path()},
+                    cwd=ROOT, check=True, timeout=OFFLINE_TIMEOUT_S, start_new_session=True,
+                )  # fmt: skip
+            configs[name] = json.loads(out.read_text())
     best = max(configs, key=lambda name: configs[name]["output_tok_s"])
     return {"best": best, "output_tok_s": configs[best]["output_tok_s"], "configs": configs}
 
