@@ -5,22 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks._process_group import members
+
 from tests.e2e.conftest import RunningServer
 
 
 def _group(pgid: int) -> dict[int, str]:
     """The processes of a process group: pid -> name."""
     found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in members(pgid):
         try:
-            stat = (entry / "stat").read_text()
+            found[int(entry.name)] = (entry / "comm").read_text().strip()
         except OSError:
             continue  # ended while listed
-        name, _, rest = stat.partition("(")[2].rpartition(")")
-        if int(rest.split()[2]) == pgid:
-            found[int(entry.name)] = name
     return found
 
 
